@@ -1,0 +1,130 @@
+"""The `stoker` command line: parse, load the config, call one function per subcommand.
+
+Exit codes: 0 success, 2 usage/config error (one line on stderr, no traceback), 1 anything
+else. Heavy imports (torch) happen inside the subcommand functions, so `--help` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from stoker.errors import StokerError
+
+# subcommand -> (module:function, one-line help). The function takes the parsed namespace
+# (plus `overrides`, the list of --section.key=value strings, for recipe commands).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("stoker.train.loop:train_command",
+              "train a recipe (one process, or under torchrun)"),
+    "prepare": ("stoker.data.prepare:prepare_command",
+                "corpus -> tokenizer -> token shards for a recipe"),
+    "generate": ("stoker.generate:generate_command",
+                 "sample text from a run, checkpoint or HF directory"),
+    "eval": ("stoker.eval.perplexity:eval_command",
+             "validation loss and perplexity of a run or checkpoint"),
+    "import-hf": ("stoker.models.hf:import_hf_command",
+                  "Hugging Face directory -> stoker checkpoint"),
+    "export-hf": ("stoker.models.hf:export_hf_command",
+                  "stoker run/checkpoint -> transformers-loadable directory"),
+    "count": ("stoker.scaling.report:count_command",
+              "exact params, FLOPs/token and memory of a recipe or preset"),
+    "plan": ("stoker.scaling.report:plan_command",
+             "scaling-law loss, compute-optimal N/D, time and cost on named GPUs"),
+    "demo": ("stoker.demo:demo_command",
+             "train the tiny recipe on the built-in corpus, then generate a sample"),
+}
+RECIPE_COMMANDS = {"train", "prepare", "eval"}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise StokerError(f"{message} (see `{self.prog} --help`)")
+
+
+def _add_recipe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("recipe", help="recipe YAML file (e.g. recipes/pretrain/tiny.yaml)")
+    p.epilog = ("Any recipe key can be overridden: --train.max_steps=30 --optim.lr=3e-4 "
+                "--model.n_layer=4 (values are checked against the schema).")
+
+
+def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
+    if name in ("train", "prepare"):
+        _add_recipe_args(p)
+    elif name == "eval":
+        p.add_argument("path", help="run dir (its latest checkpoint) or checkpoint dir")
+        p.add_argument("--data-dir", help="token-shard dir to evaluate on (default: the run's)")
+        p.add_argument("--split", default="val", help="shard split to evaluate (default: val)")
+        p.add_argument("--batches", type=int, default=None, help="number of batches (default: "
+                       "train.eval_steps of the run)")
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
+    elif name == "generate":
+        p.add_argument("path", help="run dir, checkpoint dir, or local Hugging Face directory")
+        p.add_argument("--prompt", default="", help="text to continue")
+        p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to sample")
+        p.add_argument("--temperature", type=float, default=0.8,
+                       help="softmax temperature; 0 = greedy")
+        p.add_argument("--top-k", type=int, default=None, help="keep the k most likely tokens")
+        p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass")
+        p.add_argument("--seed", type=int, default=None, help="random seed for sampling")
+        p.add_argument("--device", default="auto", help="cpu, cuda, mps or auto")
+        p.add_argument("--interactive", action="store_true",
+                       help="read prompts from stdin in a loop (empty line or EOF quits)")
+        p.add_argument("--no-stream", action="store_true",
+                       help="print the text once at the end instead of token by token")
+    elif name == "import-hf":
+        p.add_argument("hf_dir", help="local Hugging Face model directory (config.json + "
+                       "safetensors)")
+        p.add_argument("out", help="checkpoint directory to create")
+    elif name == "export-hf":
+        p.add_argument("path", help="run dir or checkpoint dir")
+        p.add_argument("out", help="directory to write (transformers format)")
+    elif name in ("count", "plan"):
+        from stoker.scaling.report import add_arguments
+
+        add_arguments(name, p)
+    elif name == "demo":
+        p.add_argument("--out-dir", default="runs/demo", help="where the demo run is written")
+        p.add_argument("--max-steps", type=int, default=None, help="override the step count")
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="stoker", description="Train transformer models from a laptop CPU "
+                    "to a GPU cluster. Each subcommand has --help.")
+    from stoker import __version__
+
+    parser.add_argument("--version", action="version", version=f"stoker {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        _add_arguments(name, p)
+    return parser
+
+
+def _call(target: str, args: argparse.Namespace) -> int:
+    module, func = target.split(":")
+    result = getattr(importlib.import_module(module), func)(args)
+    return int(result or 0)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        parser = build_parser()
+        if not argv:
+            parser.print_help()
+            return 2
+        args, extra = parser.parse_known_args(argv)
+        if extra and args.command not in RECIPE_COMMANDS:
+            raise StokerError(f"unrecognized arguments: {' '.join(extra)} "
+                              f"(see `stoker {args.command} --help`)")
+        args.overrides = extra
+        return _call(COMMANDS[args.command][0], args)
+    except StokerError as e:
+        print(f"stoker: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("stoker: interrupted", file=sys.stderr)
+        return 130
