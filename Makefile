@@ -19,7 +19,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m stoker demo
+	$(BIN)/stoker train recipes/pretrain/tiny.yaml
+	$(BIN)/stoker generate runs/tiny --prompt "def " --max-new-tokens 96 --temperature 0.7 --top-k 40 --seed 0
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

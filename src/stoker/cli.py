@@ -31,10 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "exact params, FLOPs/token and memory of a recipe or preset"),
     "plan": ("stoker.scaling.report:plan_command",
              "scaling-law loss, compute-optimal N/D, time and cost on named GPUs"),
-    "demo": ("stoker.demo:demo_command",
-             "train the tiny recipe on the built-in corpus, then generate a sample"),
 }
-RECIPE_COMMANDS = {"train", "prepare", "eval"}
+RECIPE_COMMANDS = {"train", "prepare"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -85,12 +83,10 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         from stoker.scaling.report import add_arguments
 
         add_arguments(name, p)
-    elif name == "demo":
-        p.add_argument("--out-dir", default="runs/demo", help="where the demo run is written")
-        p.add_argument("--max-steps", type=int, default=None, help="override the step count")
 
 
-def build_parser() -> Parser:
+def build_parser(selected: str | None = None) -> Parser:
+    """The parser; only `selected`'s options are added when given (keeps imports minimal)."""
     parser = Parser(prog="stoker", description="Train transformer models from a laptop CPU "
                     "to a GPU cluster. Each subcommand has --help.")
     from stoker import __version__
@@ -99,7 +95,8 @@ def build_parser() -> Parser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        _add_arguments(name, p)
+        if selected in (None, name):
+            _add_arguments(name, p)
     return parser
 
 
@@ -112,7 +109,7 @@ def _call(target: str, args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        parser = build_parser()
+        parser = build_parser(argv[0] if argv and argv[0] in COMMANDS else "")
         if not argv:
             parser.print_help()
             return 2

@@ -132,26 +132,47 @@ class TokenizerConfig(Section):
     .tiktoken file or a SentencePiece .model) or a byte-level BPE trained on the sources."""
 
     path: str | None = None
-    vocab_size: int = 512
-    special_tokens: list[str] = ["<|endoftext|>"]
-    eos_token: str = "<|endoftext|>"
+    vocab_size: int = 512  # trained BPE only (special tokens included)
+    special_tokens: list[str] = ["<|endoftext|>"]  # trained BPE only; they get the first ids
+    # The token appended after every document. None: the tokenizer's own (tokenizer_config.json,
+    # SentencePiece's </s>, GPT-2/tiktoken's <|endoftext|>); <|endoftext|> for a trained BPE.
+    eos_token: str | None = None
+    pattern: str | None = None  # pre-tokenization regex of a .tiktoken file of unknown size
 
 
 class DataConfig(Section):
+    """Corpus -> tokenizer -> token shards in `dir` (see stoker.data.prepare)."""
+
+    # Paths/globs/dirs of .txt/.md/.rst/.py (a document per file), .jsonl and .parquet
+    # (`text_field`), or built-in corpora: python-stdlib, wiki-en (see stoker.data.corpora).
     sources: list[str] = ["python-stdlib"]
     text_field: str = "text"
     tokenizer: TokenizerConfig = TokenizerConfig()
     dir: str = "data/tiny"
-    val_fraction: float = 0.05
+    val_fraction: float = 0.05  # share of documents held out, chosen with `seed`
     seed: int = 1234
     dtype: Literal["auto", "uint16", "uint32"] = "auto"
-    max_documents: int | None = None
+    max_documents: int | None = None  # keep the first N documents of the sources
+    shard_tokens: int = 2**28  # tokens per shard file (the last one of a split is shorter)
     num_workers: int = 0
 
     @field_validator("sources", mode="before")
     @classmethod
     def _one_source_is_a_list(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check_data(self) -> DataConfig:
+        if not self.sources:
+            raise ValueError("data.sources is empty; name at least one path, glob or corpus "
+                             "(e.g. python-stdlib)")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.max_documents is not None and self.max_documents <= 0:
+            raise ValueError(f"data.max_documents must be positive, got {self.max_documents}")
+        if self.shard_tokens <= 0:
+            raise ValueError(f"data.shard_tokens must be positive, got {self.shard_tokens}")
+        return self
 
 
 # ----------------------------------------------------------------------------------- train

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model as st_load_model
-from safetensors.torch import save_model as st_save_model
+from safetensors.torch import load_file, save_file
 
 from stoker.errors import StokerError
 
@@ -115,14 +114,43 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_model_checkpoint(final_dir: str | Path, model: torch.nn.Module, config: dict[str, Any],
+def save_state_dict(sd: dict[str, torch.Tensor], path: str | Path) -> None:
+    """safetensors file of a state dict; a tensor shared under several names (tied embeddings,
+    MoR's shared layers) is stored once and its other names recorded as aliases."""
+    seen: dict[tuple, str] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, t in sd.items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.device.type != "meta" and key in seen:
+            aliases[name] = seen[key]
+            continue
+        seen[key] = name
+        tensors[name] = t.detach().to("cpu").contiguous()
+    save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
+
+
+def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
+    sd = load_file(str(path))
+    for name, target in aliases.items():
+        sd[name] = sd[target]
+    return sd
+
+
+def save_model_checkpoint(final_dir: str | Path, model: torch.nn.Module | dict, config: dict[str, Any],
                           tokenizer_dir: str | Path | None = None, step: int = 0,
                           extra: Callable[[Path], None] | None = None) -> Path:
-    """Weights + config (+ tokenizer, + whatever `extra(tmp)` writes), atomically."""
+    """Weights (a model or its state dict) + config (+ tokenizer, + whatever `extra(tmp)`
+    writes), atomically."""
     from stoker.data.tokenizer import copy_tokenizer_files
 
     def write(tmp: Path) -> None:
-        st_save_model(model, str(tmp / "model.safetensors"))
+        sd = model if isinstance(model, dict) else model.state_dict()
+        save_state_dict(sd, tmp / "model.safetensors")
         if tokenizer_dir is not None:
             copy_tokenizer_files(tokenizer_dir, tmp / "tokenizer")
         if extra is not None:
@@ -136,7 +164,7 @@ def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
     if not path.is_file():
         raise StokerError(f"checkpoint {ckpt} has no model.safetensors")
     try:
-        st_load_model(model, str(path), strict=True)
+        model.load_state_dict(load_state_dict_file(path), strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
         raise StokerError(f"weights in {path} do not fit the model built from its config: "

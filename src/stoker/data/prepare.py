@@ -1,0 +1,332 @@
+"""`stoker prepare RECIPE`: corpus -> tokenizer -> token shards in `data.dir`.
+
+Steps (shards.py describes the output):
+1. Resolve `data.sources` to files (corpora.py) and fingerprint the inputs: every file's path,
+   size and mtime, the tokenizer files' SHA-256 (or the BPE training settings) and the data
+   settings. When `data.dir/meta.json` carries the same fingerprint and its shards check out,
+   nothing is done; any change re-prepares.
+2. Count the documents and split them by document: the `round(val_fraction · n)` documents
+   with the smallest hash of (seed, index) go to `val` (at least one when there are two or
+   more documents and val_fraction > 0), the rest to `train`.
+3. Load the tokenizer (`data.tokenizer.path`) or train a byte-level BPE on the train split.
+4. Tokenize in batches on all cores (the `tokenizers` / sentencepiece thread pools), append
+   one EOS after every document, write uint16 shards when the vocabulary fits, else uint32.
+Everything is written into a temporary directory inside `data.dir` and moved into place with
+`meta.json` last, so an interrupted run leaves the previous data (or nothing) but never a
+half-written dir that looks complete. Call it on one process (rank 0) and let others wait.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from stoker.config import DataConfig, RecipeConfig, load_config
+from stoker.data.corpora import SourceFile, describe_files, iter_documents, resolve_sources
+from stoker.data.rng import splitmix64
+from stoker.data.shards import (
+    DTYPES,
+    FORMAT,
+    META_FILE,
+    SPLITS,
+    TOKENIZER_DIR,
+    VERSION,
+    ShardWriter,
+    choose_dtype,
+    load_meta,
+    read_meta_file,
+)
+from stoker.data.tokenizer import Tokenizer, load_tokenizer_from, train_bpe
+from stoker.errors import StokerError
+
+BATCH_DOCS = 512  # documents per encode_batch call ...
+BATCH_CHARS = 4_000_000  # ... or fewer when they are long
+SHARD_NAME = re.compile(r"^(train|val)-\d{5}\.bin$")
+TOKENIZER_NAMES = {
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "encoder.json",
+    "vocab.bpe",
+}
+
+
+def is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def log(msg: str) -> None:
+    if is_main_process():
+        print(f"prepare: {msg}", flush=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _tokenizer_inputs(path: str) -> list[list[str]]:
+    """[name, sha256] of the files a tokenizer path may be read from."""
+    p = Path(path).expanduser()
+    if p.is_file():
+        return [[p.name, _sha256(p)]]
+    if not p.is_dir():
+        return [[str(p), "missing"]]
+    dirs = [p, p / TOKENIZER_DIR] if (p / TOKENIZER_DIR).is_dir() else [p]
+    return [
+        [f"{d.name}/{f.name}", _sha256(f)]
+        for d in dirs
+        for f in sorted(d.iterdir())
+        if f.is_file() and (f.name in TOKENIZER_NAMES or f.suffix in (".tiktoken", ".model"))
+    ]
+
+
+def fingerprint(data: DataConfig, files: list[SourceFile]) -> str:
+    """SHA-256 over everything the shards depend on (module docstring, step 1)."""
+    tok = data.tokenizer
+    tok_inputs: dict[str, Any] = {"eos_token": tok.eos_token, "pattern": tok.pattern}
+    if tok.path:
+        tok_inputs["files"] = _tokenizer_inputs(tok.path)
+    else:
+        tok_inputs["train_bpe"] = [tok.vocab_size, tok.special_tokens]
+    inputs = {
+        "version": VERSION,
+        "sources": data.sources,
+        "files": describe_files(files),
+        "text_field": data.text_field,
+        "max_documents": data.max_documents,
+        "val_fraction": data.val_fraction,
+        "seed": data.seed,
+        "dtype": data.dtype,
+        "shard_tokens": data.shard_tokens,
+        "tokenizer": tok_inputs,
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def split_mask(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
+    """Boolean per document, True = val (module docstring, step 2)."""
+    n_val = round(n_docs * val_fraction)
+    if val_fraction > 0 and n_docs >= 2:
+        n_val = min(max(n_val, 1), n_docs - 1)
+    keys = splitmix64(np.arange(n_docs, dtype=np.uint64) ^ splitmix64(np.uint64(seed)))
+    mask = np.zeros(n_docs, dtype=bool)
+    mask[np.argsort(keys, kind="stable")[:n_val]] = True
+    return mask
+
+
+def _with_eos(seqs: list[list[int]], eos: int, dtype: type) -> np.ndarray:
+    """Concatenate `doc EOS doc EOS ...` into one array."""
+    lens = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+    out = np.empty(int(lens.sum()) + len(seqs), dtype=dtype)
+    ends = np.cumsum(lens + 1) - 1
+    body = np.ones(out.size, dtype=bool)
+    body[ends] = False
+    out[body] = np.fromiter((i for s in seqs for i in s), dtype=dtype, count=int(lens.sum()))
+    out[ends] = eos
+    return out
+
+
+def _batches(
+    files: list[SourceFile], data: DataConfig, mask: np.ndarray
+) -> Iterator[tuple[list[str], list[bool], int]]:
+    """(texts, is_val per text, documents read so far) in batches for `encode_batch`."""
+    batch: list[str] = []
+    is_val: list[bool] = []
+    chars = 0
+    for i, text in enumerate(iter_documents(files, data.text_field, data.max_documents)):
+        batch.append(text)
+        is_val.append(bool(mask[i]))
+        chars += len(text)
+        if len(batch) >= BATCH_DOCS or chars >= BATCH_CHARS:
+            yield batch, is_val, i + 1
+            batch, is_val, chars = [], [], 0
+    if batch:
+        yield batch, is_val, int(mask.size)
+
+
+def tokenize_to_shards(
+    files: list[SourceFile],
+    data: DataConfig,
+    tok: Tokenizer,
+    mask: np.ndarray,
+    out_dir: Path,
+    dtype: str,
+) -> dict[str, Any]:
+    """Write both splits' shards into `out_dir`; the per-split summaries for meta.json.
+
+    Batch k is encoded on a worker thread (the encoders release the GIL and use all cores)
+    while this thread reads batch k+1 and writes batch k-1.
+    """
+    writers = {s: ShardWriter(out_dir, s, dtype, data.shard_tokens) for s in SPLITS}
+    np_dtype = DTYPES[dtype]
+    bar = tqdm(
+        unit="tok", unit_scale=True, desc="tokenize", disable=not is_main_process(), mininterval=0.5
+    )
+
+    def write(pending: tuple[Future, list[bool], int]) -> None:
+        future, is_val, done = pending
+        ids = future.result()
+        for split, want in (("train", False), ("val", True)):
+            seqs = [x for x, v in zip(ids, is_val, strict=True) if v == want]
+            if seqs:
+                writers[split].write(_with_eos(seqs, tok.eos_id, np_dtype), len(seqs))
+                bar.update(sum(map(len, seqs)) + len(seqs))
+        bar.set_postfix_str(f"docs={done}/{mask.size}", refresh=False)
+
+    pending = None
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        for texts, is_val, done in _batches(files, data, mask):
+            submitted = (pool.submit(tok.encode_batch, texts), is_val, done)
+            if pending is not None:
+                write(pending)
+            pending = submitted
+        if pending is not None:
+            write(pending)
+    bar.close()
+    return {s: w.summary() for s, w in writers.items()}
+
+
+def _get_tokenizer(data: DataConfig, files: list[SourceFile], mask: np.ndarray) -> Tokenizer:
+    tc = data.tokenizer
+    if tc.path:
+        tok = load_tokenizer_from(tc.path, tc.eos_token, tc.pattern)
+    else:
+        log(
+            f"training a byte-level BPE (vocab_size={tc.vocab_size}) on "
+            f"{int((~mask).sum())} train documents"
+        )
+        docs = iter_documents(files, data.text_field, data.max_documents)
+        train_docs = (t for i, t in enumerate(docs) if not mask[i])
+        tok = train_bpe(
+            train_docs,
+            tc.vocab_size,
+            tc.special_tokens,
+            tc.eos_token,
+            show_progress=sys.stderr.isatty() and is_main_process(),
+        )
+    if tok.eos_id is None:
+        raise StokerError(
+            f"cannot tell which token ends a document in {tc.path}; set "
+            "data.tokenizer.eos_token to one of its special tokens"
+        )
+    return tok
+
+
+def _publish(tmp: Path, data_dir: Path) -> None:
+    """Replace the previous shards/tokenizer/meta with those in `tmp`, meta.json last."""
+    (data_dir / META_FILE).unlink(missing_ok=True)
+    for f in data_dir.iterdir():
+        if SHARD_NAME.match(f.name):
+            f.unlink()
+    shutil.rmtree(data_dir / TOKENIZER_DIR, ignore_errors=True)
+    for f in tmp.iterdir():
+        if f.name != META_FILE:
+            os.replace(f, data_dir / f.name)
+    os.replace(tmp / META_FILE, data_dir / META_FILE)
+
+
+def _build_meta(
+    data: DataConfig,
+    tok: Tokenizer,
+    dtype: str,
+    fp: str,
+    splits: dict[str, Any],
+    files: list[SourceFile],
+) -> dict[str, Any]:
+    tok_file = f"{TOKENIZER_DIR}/{tok.main_file}"
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "vocab_size": tok.vocab_size,
+        "dtype": dtype,
+        "eos_id": tok.eos_id,
+        "bos_id": tok.bos_id,
+        "eos_token": tok.eos_token,
+        "tokenizer_dir": TOKENIZER_DIR,
+        "tokenizer_file": tok_file,
+        "tokenizer_sha256": None,
+        "fingerprint": fp,
+        "sources": data.sources,
+        "source_files": len(files),
+        "text_field": data.text_field,
+        "max_documents": data.max_documents,
+        "seed": data.seed,
+        "val_fraction": data.val_fraction,
+        "splits": splits,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def prepare(cfg: RecipeConfig) -> dict[str, Any]:
+    """Prepare `cfg.data.dir` (or find it up to date); the meta.json dict."""
+    data, data_dir = cfg.data, Path(cfg.data.dir)
+    files = resolve_sources(data.sources)
+    fp = fingerprint(data, files)
+    old = read_meta_file(data_dir)
+    if old is not None and old.get("fingerprint") == fp:
+        meta = load_meta(data_dir)
+        log(f"{data_dir} is up to date ({_summary(meta)})")
+        return meta
+    if data.tokenizer.path is None:  # fail before reading anything
+        choose_dtype(data.tokenizer.vocab_size, data.dtype)
+    n_docs = sum(1 for _ in iter_documents(files, data.text_field, data.max_documents))
+    if n_docs == 0:
+        raise StokerError(
+            f"data.sources {data.sources} hold no documents ({len(files)} files; "
+            "empty and whitespace-only documents are skipped)"
+        )
+    mask = split_mask(n_docs, data.val_fraction, data.seed)
+    tok = _get_tokenizer(data, files, mask)
+    dtype = choose_dtype(tok.vocab_size, data.dtype)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    tmp = data_dir / f".prepare-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        tok.save(tmp / TOKENIZER_DIR)
+        start = time.perf_counter()
+        splits = tokenize_to_shards(files, data, tok, mask, tmp, dtype)
+        seconds = time.perf_counter() - start
+        meta = _build_meta(data, tok, dtype, fp, splits, files)
+        meta["tokenizer_sha256"] = _sha256(tmp / meta["tokenizer_file"])
+        meta["tokenize_seconds"] = round(seconds, 3)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        _publish(tmp, data_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    total = sum(s["tokens"] for s in splits.values())
+    log(f"wrote {data_dir}: {_summary(meta)}; {total / max(seconds, 1e-9):,.0f} tokens/s")
+    return meta
+
+
+def _summary(meta: dict[str, Any]) -> str:
+    parts = [
+        f"{s} {v['tokens']:,} tokens / {v['documents']:,} docs" for s, v in meta["splits"].items()
+    ]
+    return ", ".join(parts) + f", vocab {meta['vocab_size']:,} ({meta['dtype']})"
+
+
+def prepare_command(args: Any) -> int:
+    """CLI entry: `stoker prepare RECIPE [--data.key=value ...]`."""
+    cfg = load_config(args.recipe, getattr(args, "overrides", None))
+    prepare(cfg)
+    return 0

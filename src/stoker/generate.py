@@ -1,0 +1,146 @@
+"""Sampling with a KV cache: greedy, temperature, top-k, top-p, EOS stop, streaming.
+
+Works for any model with `new_cache(batch, max_len)` and `forward(ids, cache) -> logits`
+(the decoders of models/gpt.py, and MoR models). The prompt is run once through the model
+to fill the cache (prefill); each new token then costs one single-position forward.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from stoker.errors import StokerError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto` picks cuda > mps > cpu."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None
+                ) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V)."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        # drop a token when the mass of strictly more likely tokens already reaches top_p
+        drop = probs.cumsum(dim=-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
+             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+             eos_id: int | None = None, generator: torch.Generator | None = None
+             ) -> Iterator[torch.Tensor]:
+    """Yield new token ids (B,) one step at a time; stops after EOS (B = 1) or the budget."""
+    B, T = input_ids.shape
+    cache = model.new_cache(B, T + max_new_tokens)
+    logits = model(input_ids, cache)[:, -1]  # (B, V)
+    for i in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+        yield nxt
+        if eos_id is not None and B == 1 and int(nxt[0]) == eos_id:
+            return
+        if i + 1 < max_new_tokens:
+            logits = model(nxt[:, None], cache)[:, -1]
+
+
+def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+    ids = tokenizer.encode(prompt) if prompt else []
+    if not ids:
+        start = tokenizer.bos_id if tokenizer.bos_id is not None else tokenizer.eos_id
+        if start is None:
+            raise StokerError("empty prompt and the tokenizer has no BOS/EOS token; pass --prompt")
+        ids = [start]
+    return ids
+
+
+def complete(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float,
+             top_k: int | None, top_p: float | None, generator, stream=None) -> str:
+    """Generate a continuation of `prompt`; print it incrementally to `stream` if given."""
+    ids = _prompt_ids(tokenizer, prompt)
+    max_len = getattr(model.config, "max_seq_len", None)
+    if getattr(model, "embed_positions", None) is not None and len(ids) + max_new_tokens > max_len:
+        raise StokerError(f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} "
+                          f"exceeds this model's max_seq_len {max_len}")
+    device = next(model.parameters()).device
+    x = torch.tensor([ids], device=device)
+    new: list[int] = []
+    shown = ""
+    for tok in generate(model, x, max_new_tokens, temperature, top_k, top_p,
+                        tokenizer.eos_id, generator):
+        new.append(int(tok[0]))
+        if stream is not None:
+            text = tokenizer.decode(new, skip_special_tokens=True)
+            if not text.endswith("\ufffd") and text.startswith(shown):
+                stream.write(text[len(shown):])
+                stream.flush()
+                shown = text
+    text = tokenizer.decode(new, skip_special_tokens=True)
+    if stream is not None:
+        stream.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
+        stream.write("\n")
+        stream.flush()
+    return text
+
+
+def generate_command(args) -> int:
+    """`stoker generate RUN_OR_CKPT --prompt TEXT ...`"""
+    from stoker.api import load_model, load_tokenizer
+
+    if args.max_new_tokens < 1:
+        raise StokerError("--max-new-tokens must be at least 1")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise StokerError("--top-p must be in (0, 1]")
+    if args.top_k is not None and args.top_k < 1:
+        raise StokerError("--top-k must be at least 1")
+    if not Path(args.path).exists():
+        raise StokerError(f"no such run, checkpoint or HF directory: {args.path}")
+    device = resolve_device(args.device)
+    model = load_model(args.path, device).eval()
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        model = model.to(torch.bfloat16)
+    tokenizer = load_tokenizer(args.path)
+    generator = None
+    if args.seed is not None:
+        generator = torch.Generator(device=device).manual_seed(args.seed)
+    stream = None if args.no_stream else sys.stdout
+    opts = (args.max_new_tokens, args.temperature, args.top_k, args.top_p, generator)
+    if not args.interactive:
+        if stream is not None:
+            sys.stdout.write(args.prompt)
+        text = complete(model, tokenizer, args.prompt, *opts, stream=stream)
+        if stream is None:
+            print(args.prompt + text)
+        return 0
+    while True:
+        try:
+            prompt = input("> ")
+        except EOFError:
+            return 0
+        if not prompt.strip():
+            return 0
+        text = complete(model, tokenizer, prompt, *opts, stream=stream)
+        if stream is None:
+            print(text)

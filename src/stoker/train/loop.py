@@ -1,0 +1,245 @@
+"""The one training loop every recipe uses.
+
+`train(cfg)` reads top to bottom like nanoGPT's train.py: set up devices and processes,
+prepare data, build and parallelize the model, resume, then step: each optimizer step
+accumulates `batch_size / (micro_batch_size · world)` micro-steps of its global batch (a pure
+function of (seed, step), see data/loader.py), clips, steps, logs, evaluates and saves.
+Checkpoints are atomic; SIGTERM/SIGINT set a flag and the loop saves after the current step
+and exits 0, so a killed run resumes exactly (`train.resume: auto`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stoker.config import RecipeConfig, dump_config
+from stoker.errors import StokerError
+from stoker.models.gpt import build_model, lm_loss
+from stoker.train import distributed as D
+from stoker.train.optim import build_optimizer, lr_at
+from stoker.train.state import (
+    check_out_dir,
+    find_resume,
+    load_training_state,
+    save_training_state,
+)
+from stoker.train.telemetry import Throughput, memory_gb, progress_bar
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGINT; the loop checks it between steps (never saves in the handler)."""
+
+    def __init__(self):
+        self.set = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.set = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """auto: bf16 on CUDA GPUs that support it, fp16 (+ GradScaler) on older GPUs, fp32 on
+    CPU/MPS (bf16 autocast on CPU is slower for small models; see docs/log.md)."""
+    if name != "auto":
+        if name == "fp16" and device.type != "cuda":
+            raise StokerError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32")
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast_context(precision: str, device: torch.device):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def accumulation_steps(batch: int, micro: int, world: int) -> int:
+    if batch % (micro * world):
+        raise StokerError(f"train.batch_size={batch} is not divisible by train.micro_batch_size="
+                          f"{micro} × {world} process(es); pick a batch size that is a multiple "
+                          f"of {micro * world}")
+    return batch // (micro * world)
+
+
+def apply_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Recompute each block's activations in backward (less memory, ~1/3 more compute)."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.layers:
+        fwd = block.forward
+        block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+@torch.no_grad()
+def evaluate(model, loader, n_batches: int, info: D.DistInfo, amp, n_micro: int) -> float:
+    """Mean validation loss over `n_batches` fixed global batches (every rank its slice)."""
+    model.eval()
+    total = torch.zeros((), device=info.device)
+    for step in range(n_batches):
+        for micro in range(n_micro):
+            x, y = loader.batch(step, info.rank, info.world, micro, n_micro)
+            x, y = x.to(info.device), y.to(info.device)
+            with amp:
+                total += lm_loss(model(x), y).float() / n_micro
+    model.train()
+    return float(D.all_reduce_mean(total / max(1, n_batches), info))
+
+
+def train(cfg: RecipeConfig) -> dict[str, Any]:
+    """Train `cfg` to `train.max_steps` (or until stopped); returns the run summary."""
+    from stoker.data.loader import TokenWindows
+    from stoker.data.prepare import prepare
+    from stoker.data.shards import check_vocab, load_meta
+
+    t, info = cfg.train, D.init_distributed(cfg.train.device, cfg.dist.backend)
+    out = Path(t.out_dir)
+    if info.is_main:
+        check_out_dir(out)
+        (out / "config.yaml").write_text(dump_config(cfg))
+        print(f"stoker: training {cfg.recipe} on {info.device} × {info.world}, "
+              f"writing {out}\n{dump_config(cfg)}", flush=True)
+        meta = prepare(cfg)
+    D.barrier(info)
+    if not info.is_main:
+        meta = load_meta(cfg.data.dir)
+    check_vocab(meta, cfg.model.vocab_size)
+    seq_len = t.seq_len or cfg.model.max_seq_len
+    n_micro = accumulation_steps(t.batch_size, t.micro_batch_size, info.world)
+    precision = resolve_precision(t.precision, info.device)
+    amp = autocast_context(precision, info.device)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
+
+    torch.manual_seed(t.seed)  # identical initial weights on every rank
+    raw = build_model(cfg.model).to(info.device)
+    if t.activation_checkpointing:
+        apply_activation_checkpointing(raw)
+    model = D.parallelize(raw, cfg.dist.strategy, info)
+    opt = build_optimizer(model, cfg.optim, info.device.type, cfg.dist.strategy == "zero1"
+                          and info.enabled)
+    train_data = TokenWindows(cfg.data.dir, "train", seq_len, t.batch_size, t.seed)
+    val_data = TokenWindows(cfg.data.dir, "val", seq_len, t.batch_size, t.seed + 1)
+    torch.manual_seed(t.seed + 1000 + info.rank)  # dropout streams differ per rank
+
+    step, best_val, bad_evals = 0, math.inf, 0
+    ckpt = find_resume(t.resume, out, cfg)
+    if ckpt is not None:
+        state = load_training_state(ckpt, model, opt, cfg, info, train_data)
+        step, best_val, bad_evals = state["step"], state["best_val"], state["bad_evals"]
+        if info.is_main:
+            print(f"stoker: resuming from step {step} ({ckpt})", flush=True)
+    fwd = torch.compile(model) if t.compile else model
+
+    tracker = _make_tracker(cfg, info)
+    meter = Throughput(cfg, seq_len, info, precision)
+    bar = progress_bar(step, t.max_steps, info.is_main)
+    stopped, last_val, loss_mean = None, None, None
+
+    def save(step: int) -> None:
+        save_training_state(out, step, model, opt, cfg, info, train_data,
+                            {"best_val": best_val, "bad_evals": bad_evals}, cfg.data.dir)
+
+    model.train()
+    with StopFlag() as flag:
+        while step < t.max_steps:
+            lr = lr_at(step, t.max_steps, cfg.optim)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            meter.start_step()
+            loss_sum = torch.zeros((), device=info.device)
+            for micro in range(n_micro):
+                x, y = train_data.batch(step, info.rank, info.world, micro, n_micro)
+                x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+                meter.data_ready()
+                with D.grad_sync(model, micro == n_micro - 1), amp:
+                    loss = lm_loss(fwd(x), y) / n_micro
+                scaler.scale(loss).backward()
+                loss_sum += loss.detach()
+            scaler.unscale_(opt)
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
+                                                       t.grad_clip if t.grad_clip > 0 else 1e30)
+            loss_mean = D.all_reduce_mean(loss_sum, info)
+            if not bool(torch.isfinite(loss_mean)):
+                opt.zero_grad(set_to_none=True)
+                if t.nan_policy == "skip" and precision != "fp16":
+                    print(f"stoker: non-finite loss at step {step + 1}; step skipped", flush=True)
+                    step += 1
+                    continue
+                if precision != "fp16":
+                    save(step)
+                    raise StokerError(f"loss became {float(loss_mean)} at step {step + 1}; "
+                                      f"saved the last good state to {out} (lower optim.lr, "
+                                      "raise warmup or use train.nan_policy=skip)")
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            meter.end_step(t.batch_size * seq_len)
+
+            if step % t.log_interval == 0 or step == t.max_steps:
+                row = {"step": step, "loss": float(loss_mean), "lr": lr,
+                       "grad_norm": float(grad_norm), **meter.report(), **memory_gb(info)}
+                tracker.log(row)
+                bar.set_postfix_str(meter.postfix(row), refresh=False)
+            bar.update(1)
+
+            if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
+                last_val = evaluate(fwd, val_data, t.eval_steps, info, amp, n_micro)
+                tracker.log({"step": step, "val_loss": last_val,
+                             "val_perplexity": math.exp(min(last_val, 50))})
+                if last_val < best_val - 1e-4:
+                    best_val, bad_evals = last_val, 0
+                else:
+                    bad_evals += 1
+                if t.early_stopping_metric and bad_evals >= t.early_stopping_patience:
+                    stopped = f"early stopping: val_loss has not improved for {bad_evals} evals"
+            if D.broadcast_flag(flag.set, info):
+                stopped = stopped or f"stopped by signal at step {step}"
+            if stopped or step % t.save_interval == 0 or step == t.max_steps:
+                save(step)
+            if stopped:
+                break
+    bar.close()
+    summary = {**meter.summary(step), "final_loss": float(loss_mean) if loss_mean is not None else None,
+               "final_val_loss": last_val, "stopped": stopped, "out_dir": str(out)}
+    tracker.summary(summary)
+    tracker.close()
+    if info.is_main:
+        print(f"stoker: {stopped or 'done'} — {meter.summary_line(summary)}", flush=True)
+    D.cleanup(info)
+    return summary
+
+
+def _make_tracker(cfg: RecipeConfig, info: D.DistInfo):
+    from stoker.train.tracking import NullTracker, Tracker
+
+    if not info.is_main:
+        return NullTracker()
+    return Tracker(cfg.train.out_dir, cfg.track, cfg.model_dump(mode="json"))
+
+
+def train_command(args) -> int:
+    """`stoker train RECIPE [--section.key=value ...]`"""
+    from stoker.config import load_config
+
+    train(load_config(args.recipe, args.overrides))
+    return 0

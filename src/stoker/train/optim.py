@@ -1,0 +1,71 @@
+"""Optimizer and learning-rate schedules.
+
+AdamW with weight decay on 2-D weights only (matrices and embeddings; norms and biases are
+not decayed, as in nanoGPT/GPT-3), fused on CUDA, foreach elsewhere. Schedules are pure
+functions of the step so resuming needs no scheduler state beyond the step itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import torch
+
+from stoker.config import OptimConfig
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """Two groups: 2-D parameters decayed, everything else not. Tied weights appear once."""
+    decay, no_decay = [], []
+    for p in model.parameters():  # parameters() yields each shared Parameter once
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay},
+            {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str,
+                    zero1: bool = False) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA, foreach otherwise); ZeroRedundancyOptimizer when `zero1`."""
+    kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    if device_type == "cuda" and "fused" in inspect.signature(torch.optim.AdamW).parameters:
+        kwargs["fused"] = True
+    else:
+        kwargs["foreach"] = True
+    groups = param_groups(model, cfg.weight_decay)
+    if not zero1:
+        return torch.optim.AdamW(groups, **kwargs)
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    kwargs.pop("foreach", None)
+    zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
+                                   weight_decay=cfg.weight_decay, **kwargs)
+    zero.add_param_group({"params": groups[1]["params"], "weight_decay": 0.0})
+    return zero
+
+
+def lr_at(step: int, max_steps: int, cfg: OptimConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based).
+
+    cosine: linear warmup, cosine decay to lr·min_lr_ratio at max_steps.
+    wsd: linear warmup, constant, then linear decay to lr·min_lr_ratio over the last
+         `decay_fraction` of the steps (warmup-stable-decay, Hu et al. 2024).
+    constant: linear warmup, then constant.
+    """
+    peak, floor = cfg.lr, cfg.lr * cfg.min_lr_ratio
+    warmup = min(cfg.warmup_steps, max_steps)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if cfg.schedule == "constant":
+        return peak
+    if cfg.schedule == "cosine":
+        span = max(1, max_steps - warmup)
+        progress = min(1.0, (step - warmup) / span)
+        return floor + 0.5 * (peak - floor) * (1 + math.cos(math.pi * progress))
+    decay_steps = max(1, round(cfg.decay_fraction * max_steps))
+    decay_start = max(warmup, max_steps - decay_steps)
+    if step < decay_start:
+        return peak
+    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+    return peak + (floor - peak) * progress

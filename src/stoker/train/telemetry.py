@@ -1,0 +1,131 @@
+"""What the loop measures about itself: throughput, data wait, MFU, memory, progress bar.
+
+MFU = tokens/s × FLOPs/token ÷ (processes × peak FLOP/s) (REFERENCE.md §2). FLOPs/token is
+the PaLM form 6N + 12·L·H·Q·T with N = all parameters (scaling/flops.py). The peak comes from
+the device table (scaling/hardware.py); an unknown GPU gets no MFU, never a default. On a CPU
+the peak is a matmul rate measured once per process in the run's dtype, and the row says so
+(`mfu_basis`).
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from typing import Any
+
+import torch
+
+from stoker.config import RecipeConfig
+
+_CPU_PEAK: dict[str, float] = {}
+
+
+def measured_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
+    """Best FLOP/s of `repeats` n×n matmuls on this CPU (cached per dtype)."""
+    key = str(dtype)
+    if key not in _CPU_PEAK:
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # warm up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t0)
+        _CPU_PEAK[key] = 2 * n**3 / best
+    return _CPU_PEAK[key]
+
+
+def peak_for(device: torch.device, precision: str) -> tuple[float | None, str]:
+    """(peak FLOP/s per device, basis label)."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    if device.type == "cuda":
+        from stoker.scaling.hardware import peak_flops
+
+        name = torch.cuda.get_device_name(device)
+        peak = peak_flops(name, "bf16" if precision == "fp32" else precision)
+        if precision == "fp32" and peak is not None:
+            return peak, f"{name} bf16 dense peak (run is fp32)"
+        return peak, f"{name} {precision} dense peak" if peak else f"unknown GPU {name}"
+    if device.type == "cpu":
+        return measured_matmul_flops(dtype), f"cpu measured {precision} 2048² matmul"
+    return None, f"no peak known for {device.type}"
+
+
+class Throughput:
+    """Tokens/s, data-wait fraction and MFU over the steps since the last report."""
+
+    def __init__(self, cfg: RecipeConfig, seq_len: int, info, precision: str):
+        from stoker.scaling.flops import flops_per_token
+
+        self.flops_per_token = flops_per_token(cfg.model, seq_len)
+        self.peak, self.basis = peak_for(info.device, precision)
+        self.world = info.world
+        self.t_start = time.perf_counter()
+        self.total_tokens = self.total_steps = 0
+        self._reset_window()
+
+    def _reset_window(self) -> None:
+        self.w_tokens, self.w_time, self.w_data = 0, 0.0, 0.0
+
+    def start_step(self) -> None:
+        self.t0 = self.t_mark = time.perf_counter()
+
+    def data_ready(self) -> None:
+        now = time.perf_counter()
+        self.w_data += now - self.t_mark
+        self.t_mark = now
+
+    def end_step(self, tokens: int) -> None:
+        self.w_time += time.perf_counter() - self.t0
+        self.w_tokens += tokens
+        self.total_tokens += tokens
+        self.total_steps += 1
+
+    def mfu(self, tokens_per_second: float) -> float | None:
+        if not self.peak:
+            return None
+        return tokens_per_second * self.flops_per_token / (self.world * self.peak)
+
+    def report(self) -> dict[str, Any]:
+        tps = self.w_tokens / self.w_time if self.w_time else 0.0
+        row = {"tokens_per_second": tps, "mfu": self.mfu(tps), "mfu_basis": self.basis,
+               "data_wait": self.w_data / self.w_time if self.w_time else 0.0}
+        self._reset_window()
+        return row
+
+    def summary(self, step: int) -> dict[str, Any]:
+        elapsed = time.perf_counter() - self.t_start
+        tps = self.total_tokens / elapsed if elapsed else 0.0
+        peak_mem = memory_gb(None).get("memory_gb")
+        return {"steps": step, "tokens": self.total_tokens, "seconds": elapsed,
+                "tokens_per_second": tps, "mfu": self.mfu(tps), "mfu_basis": self.basis,
+                "flops_per_token": self.flops_per_token, "peak_memory_gb": peak_mem}
+
+    @staticmethod
+    def postfix(row: dict[str, Any]) -> str:
+        mfu = f" mfu {100 * row['mfu']:.1f}%" if row.get("mfu") is not None else ""
+        return (f"loss {row['loss']:.4f} lr {row['lr']:.2e} "
+                f"{row['tokens_per_second']:,.0f} tok/s{mfu} mem {row['memory_gb']:.2f}GB")
+
+    @staticmethod
+    def summary_line(s: dict[str, Any]) -> str:
+        mfu = f", MFU {100 * s['mfu']:.1f}% ({s['mfu_basis']})" if s.get("mfu") else ""
+        val = f", val loss {s['final_val_loss']:.4f}" if s.get("final_val_loss") else ""
+        return (f"{s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.1f}s, "
+                f"{s['tokens_per_second']:,.0f} tok/s{mfu}{val}")
+
+
+def memory_gb(info) -> dict[str, float]:
+    """Peak accelerator memory (CUDA) or peak process RSS (CPU), in GB."""
+    if info is not None and info.device.type == "cuda" or info is None and \
+            torch.cuda.is_available() and torch.cuda.is_initialized():
+        return {"memory_gb": torch.cuda.max_memory_allocated() / 1e9}
+    return {"memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+
+def progress_bar(initial: int, total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, mininterval=1.0, desc="train", unit="step")

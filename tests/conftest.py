@@ -1,0 +1,30 @@
+"""Shared fixtures: a small byte-level BPE tokenizer trained on real text (stdlib source)."""
+
+import sysconfig
+from pathlib import Path
+
+import pytest
+
+
+def stdlib_text(n_files: int = 20) -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.glob("*.py"))[:n_files]
+    return [p.read_text(encoding="utf-8", errors="replace") for p in files]
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """An HF-format tokenizer dir (tokenizer.json + tokenizer_config.json), vocab 384."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from stoker.data.tokenizer import Tokenizer as StokerTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(stdlib_text(), trainer)
+    d = tmp_path_factory.mktemp("tok")
+    StokerTokenizer(tok, eos_token="<|endoftext|>").save(d)
+    return d

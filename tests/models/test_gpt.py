@@ -1,0 +1,94 @@
+"""Decoder invariants: preset parameter counts, KV cache = full forward, causality, init."""
+
+import pytest
+import torch
+
+from stoker.config import PRESETS, ModelConfig
+from stoker.models.gpt import build_model, lm_loss
+
+# REFERENCE.md §1 (smollm-360m computed from its shape: 32·9,832,320 + 960 + 49152·960).
+REFERENCE_PARAMS = {
+    "llama-1.36b": 1_294_159_104,
+    "gpt2-1.36b": 1_404_968_832,
+    "gpt2-124m": 124_439_808,
+    "smollm-360m": 361_821_120,
+    "smollm2-135m": 134_515_008,
+}
+
+
+@pytest.mark.parametrize("preset", sorted(REFERENCE_PARAMS))
+def test_preset_param_count_matches_reference(preset):
+    model = build_model(ModelConfig(preset=preset), device="meta")
+    assert sum(p.numel() for p in model.parameters()) == REFERENCE_PARAMS[preset]
+
+
+def test_llama_ffn_rule():
+    assert ModelConfig(arch="llama", d_model=2304, n_head=18).ffn_dim == 6144
+    assert ModelConfig(arch="llama", d_model=4096, n_head=32).ffn_dim == 11008
+
+
+def test_every_preset_builds_on_meta():
+    for name in PRESETS:
+        build_model(ModelConfig(preset=name), device="meta")
+
+
+def _tiny(arch: str, **kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    base = dict(arch=arch, n_layer=2, n_head=4, d_model=32, vocab_size=97, max_seq_len=32)
+    if arch == "llama":
+        base["n_kv_head"] = 2
+    if arch == "gpt2":
+        base["bias"] = True
+    return build_model(ModelConfig(**{**base, **kw})).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_kv_cache_decode_matches_full_forward(arch):
+    model = _tiny(arch)
+    x = torch.randint(0, 97, (2, 24))
+    full = model(x)  # (B, T, V)
+    cache = model.new_cache(2, 24)
+    pieces = [model(x[:, :7], cache)]  # prefill
+    pieces += [model(x[:, t : t + 1], cache) for t in range(7, 12)]  # one token at a time
+    pieces.append(model(x[:, 12:24], cache))  # a chunk after a cached prefix
+    torch.testing.assert_close(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 24
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_future_tokens_do_not_change_past_logits(arch):
+    model = _tiny(arch)
+    x = torch.randint(0, 97, (1, 16))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % 97
+    torch.testing.assert_close(model(x)[:, :10], model(y)[:, :10], atol=1e-6, rtol=0)
+    assert not torch.allclose(model(x)[:, 10:], model(y)[:, 10:])
+
+
+def test_tied_embeddings_share_one_parameter():
+    model = _tiny("llama", tie_embeddings=True)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    untied = _tiny("llama", tie_embeddings=False)
+    assert untied.lm_head.weight is not untied.embed_tokens.weight
+
+
+def test_init_scales_residual_projections():
+    model = build_model(ModelConfig(arch="llama", n_layer=8, n_head=4, d_model=256,
+                                    vocab_size=1000, init_std=0.02))
+    q = model.layers[0].self_attn.q_proj.weight.std().item()
+    o = model.layers[0].self_attn.o_proj.weight.std().item()
+    assert abs(q - 0.02) < 0.002
+    assert abs(o - 0.02 / 4) < 0.001  # std / sqrt(2·8)
+
+
+def test_initial_loss_is_near_log_vocab():
+    model = _tiny("llama")
+    x = torch.randint(0, 97, (4, 32))
+    loss = lm_loss(model(x[:, :-1]), x[:, 1:])
+    assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.3
+
+
+def test_learned_positions_refuse_overlong_input():
+    model = _tiny("gpt2")
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(torch.zeros(1, 33, dtype=torch.long))

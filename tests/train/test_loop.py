@@ -1,0 +1,203 @@
+"""The training loop: learning, exact resume, accumulation, atomic checkpoints, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stoker.cli import main
+from stoker.config import load_config
+from stoker.errors import StokerError
+from stoker.train.checkpoint import list_checkpoints, load_state_dict_file
+from stoker.train.loop import train
+from stoker.train.telemetry import Throughput
+
+
+def losses(out_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def weights(out_dir: Path) -> dict[str, torch.Tensor]:
+    return load_state_dict_file(list_checkpoints(out_dir)[-1] / "model.safetensors")
+
+
+def test_loss_falls_and_run_dir_is_complete(make_args, tmp_path):
+    summary = train(load_config(None, make_args("--train.max_steps=24")))
+    out = tmp_path / "run"
+    curve = losses(out)
+    assert curve[24] < curve[1] - 0.5, curve
+    assert summary["final_val_loss"] is not None and summary["tokens"] == 24 * 8 * 32
+    ckpt = list_checkpoints(out)[-1]
+    assert ckpt.name == "step-00000024"
+    assert {p.name for p in ckpt.iterdir()} >= {"stoker.json", "model.safetensors",
+                                                  "optimizer.pt", "trainer_state.json",
+                                                  "tokenizer"}
+    assert (out / "config.yaml").is_file() and (out / "summary.json").is_file()
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    row = next(r for r in rows if r.get("step") == 5 and "loss" in r)
+    assert {"lr", "grad_norm", "tokens_per_second", "mfu", "mfu_basis", "memory_gb"} <= set(row)
+    assert "cpu measured" in row["mfu_basis"] and 0 < row["mfu"] < 1
+
+
+def test_stoker_eval_reproduces_final_val_loss(make_args, tmp_path, capsys):
+    summary = train(load_config(None, make_args()))
+    assert main(["eval", str(tmp_path / "run"), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["loss"] == pytest.approx(summary["final_val_loss"], rel=1e-5)
+
+
+def test_accumulation_equals_full_micro_batch(make_args, tmp_path):
+    train(load_config(None, make_args(out=tmp_path / "a")))
+    train(load_config(None, make_args("--train.micro_batch_size=2", out=tmp_path / "b")))
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5), step
+
+
+def test_resume_from_checkpoint_is_exact_in_process(make_args, tmp_path):
+    train(load_config(None, make_args(out=tmp_path / "straight")))  # saves at 6 and 12
+    mid = tmp_path / "straight" / "checkpoints" / "step-00000006"
+    train(load_config(None, make_args(f"--train.resume={mid}", out=tmp_path / "resumed")))
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert sorted(b) == list(range(7, 13))
+    assert all(b[s] == a[s] for s in b)
+    wa, wb = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow
+def test_sigterm_mid_run_then_resume_is_bitwise_identical(make_args, tmp_path, data_dir):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("recipe: pretrain\n")
+    straight = make_args("--train.max_steps=30", "--train.save_interval=100",
+                         out=tmp_path / "straight")
+    split = make_args("--train.max_steps=30", "--train.save_interval=100",
+                      out=tmp_path / "split")
+    cmd = [sys.executable, "-m", "stoker", "train", str(recipe)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run([*cmd, *straight], check=True, env=env, capture_output=True)
+    proc = subprocess.Popen([*cmd, *split], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "split" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if metrics.exists() and len(losses(tmp_path / "split")) >= 8:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    stopped_at = int(list_checkpoints(tmp_path / "split")[-1].name.split("-")[1])
+    assert 8 <= stopped_at < 30, out
+    resumed = subprocess.run([*cmd, *split], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resuming from step {stopped_at}" in resumed.stdout
+    assert losses(tmp_path / "split") == losses(tmp_path / "straight")
+    wa, wb = weights(tmp_path / "straight"), weights(tmp_path / "split")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_crash_before_rename_keeps_previous_checkpoint(make_args, tmp_path, monkeypatch):
+    train(load_config(None, make_args("--train.max_steps=6")))
+    out = tmp_path / "run"
+    before = list_checkpoints(out)
+    assert [p.name for p in before] == ["step-00000006"]
+    real_replace = os.replace
+
+    def crash(src, dst):
+        if "step-" in str(dst):
+            raise KeyboardInterrupt("killed between write and rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(load_config(None, make_args()))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert list_checkpoints(out) == before
+    assert not [p for p in (out / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    from stoker.api import load_model
+
+    load_model(out)  # the previous checkpoint still loads
+    train(load_config(None, make_args()))  # and the run resumes from it
+    assert list_checkpoints(out)[-1].name == "step-00000012"
+
+
+def test_nan_loss_stops_with_checkpoint_and_message(make_args, tmp_path):
+    with pytest.raises(StokerError, match=r"at step \d+; saved"):
+        train(load_config(None, make_args("--optim.lr=1e30", "--optim.warmup_steps=0",
+                                          "--train.grad_clip=0")))
+    assert list_checkpoints(tmp_path / "run")
+
+
+def test_nan_policy_skip_continues(make_args, tmp_path):
+    summary = train(load_config(None, make_args("--optim.lr=1e30", "--optim.warmup_steps=0",
+                                                "--train.grad_clip=0",
+                                                "--train.nan_policy=skip",
+                                                "--train.max_steps=4", "--train.eval_interval=0")))
+    assert summary["steps"] == 4
+
+
+def test_mfu_formula_matches_hand_computation(make_args):
+    cfg = load_config(None, make_args())
+    from stoker.train.distributed import DistInfo
+
+    meter = Throughput(cfg, 32, DistInfo(world=2), "fp32")
+    meter.peak = 1e12
+    n = sum(p.numel() for p in __import__("stoker").build_model(cfg.model).parameters())
+    L, H, Q, T = 2, 4, 8, 32
+    assert meter.flops_per_token == 6 * n + 12 * L * H * Q * T
+    assert meter.mfu(1000.0) == pytest.approx(1000 * (6 * n + 12 * L * H * Q * T) / (2 * 1e12))
+
+
+# ------------------------------------------------------------------------------ bad input
+def _cli_error(args, capsys) -> str:
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_batch_not_divisible(make_args, capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("recipe: pretrain\n")
+    err = _cli_error(["train", str(recipe), *make_args("--train.micro_batch_size=3")], capsys)
+    assert "not divisible by train.micro_batch_size=3" in err
+
+
+def test_missing_data_source(make_args, capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("recipe: pretrain\n")
+    args = make_args(f"--data.dir={tmp_path / 'fresh'}", f"--data.sources={tmp_path}/none.txt")
+    assert "none.txt" in _cli_error(["train", str(recipe), *args], capsys)
+
+
+def test_shards_vocab_exceeds_model(make_args, capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("recipe: pretrain\n")
+    err = _cli_error(["train", str(recipe), *make_args("--model.vocab_size=100")], capsys)
+    assert "vocab" in err
+
+
+def test_unwritable_out_dir(make_args, capsys, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("recipe: pretrain\n")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    err = _cli_error(["train", str(recipe), *make_args(out=blocker / "run")], capsys)
+    assert "not writable" in err
+
+
+def test_resume_from_other_architecture(make_args, capsys, tmp_path):
+    train(load_config(None, make_args("--train.max_steps=6")))
+    capsys.readouterr()
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("recipe: pretrain\n")
+    err = _cli_error(["train", str(recipe), *make_args("--model.n_layer=3")], capsys)
+    assert "model.n_layer: checkpoint 2 vs config 3" in err
