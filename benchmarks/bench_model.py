@@ -63,15 +63,16 @@ def flops_per_token(cfg) -> float:
 
 
 def build(impl: str, cfg):
-    """(model, forward(ids) -> logits); transformers gets a copy of stoker's initial weights."""
+    """(model, loss(ids, targets)), each impl with its own loss code; transformers gets a copy
+    of stoker's initial weights."""
     import torch
 
-    from stoker.models.gpt import build_model
+    from stoker.models.gpt import build_model, lm_loss
 
     torch.manual_seed(0)
     ours = build_model(cfg)
     if impl == "stoker":
-        return ours, ours
+        return ours, lambda ids, targets: lm_loss(ours(ids), targets)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     hf_cfg = LlamaConfig(
@@ -92,7 +93,9 @@ def build(impl: str, cfg):
         state = {k if k.startswith("lm_head") else f"model.{k}": v
                  for k, v in ours.state_dict().items()}
     hf.load_state_dict(state, strict=True)
-    return hf, lambda ids: hf(input_ids=ids, use_cache=False).logits
+    # HF's own causal-LM loss (fp32 upcast, mean CE); `shift_labels`: targets already shifted
+    return hf, lambda ids, targets: hf(input_ids=ids, labels=targets, shift_labels=targets,
+                                       use_cache=False).loss
 
 
 # ----------------------------------------------------------------------------- workers
@@ -117,10 +120,8 @@ def run_train(impl: str, mode: str, warmup: int, steps: int) -> dict:
 
     import torch
 
-    from stoker.models.gpt import lm_loss
-
     cfg = model_config()
-    model, forward = build(impl, cfg)
+    model, loss_fn = build(impl, cfg)
     model.train()
     # as the training loop builds it on CPU (train/optim.py: foreach AdamW), same for both
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1,
@@ -128,7 +129,7 @@ def run_train(impl: str, mode: str, warmup: int, steps: int) -> dict:
     g = torch.Generator().manual_seed(1)
     T = cfg.max_seq_len
     data = torch.randint(0, cfg.vocab_size, (BATCH, T + 1), generator=g)
-    ids, targets = data[:, :-1], data[:, 1:]
+    ids, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()
     if mode == "bf16":
         autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
     else:
@@ -137,7 +138,7 @@ def run_train(impl: str, mode: str, warmup: int, steps: int) -> dict:
     for _ in range(warmup + steps):
         t0 = time.perf_counter()
         with autocast():
-            loss = lm_loss(forward(ids), targets)
+            loss = loss_fn(ids, targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

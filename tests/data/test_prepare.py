@@ -217,3 +217,46 @@ def test_wiki_corpus(wiki_importable, tmp_path):
     tok = Tokenizer.load(tmp_path / "d" / "tokenizer")
     text = tok.decode(shard_tokens(tmp_path / "d", meta, "train").tolist())
     assert "century" in text or "film" in text  # English Wikipedia lead paragraphs
+
+
+def test_gpt2_and_sentencepiece_shards_match_reference_counts(
+    corpus, tmp_path, gpt2_dir, mistral_sp_model
+):
+    import sentencepiece as spm
+    from transformers import GPT2TokenizerFast
+
+    root, docs = corpus
+    gpt2 = GPT2TokenizerFast.from_pretrained(gpt2_dir)
+    sp = spm.SentencePieceProcessor(model_file=str(mistral_sp_model))
+    refs = {
+        "gpt2": (gpt2_dir, lambda d: gpt2(d)["input_ids"], 50256, "tokenizer.json"),
+        "sp": (mistral_sp_model, sp.encode, 2, "tokenizer.model"),
+    }
+    for name, (path, encode, eos, main_file) in refs.items():
+        out = tmp_path / name
+        cfg = load_config(
+            None,
+            [f"--data.sources={root}", f"--data.dir={out}", f"--data.tokenizer.path={path}", *TINY],
+        )
+        meta = prepare(cfg)
+        assert (meta["eos_id"], meta["dtype"]) == (eos, "uint16")
+        assert meta["tokenizer_file"] == f"tokenizer/{main_file}"
+        total = sum(s["tokens"] for s in meta["splits"].values())
+        assert total == sum(len(encode(d)) + 1 for d in docs)
+        pieces = [p for s in ("train", "val") for p in split_docs(shard_tokens(out, meta, s), eos)]
+        assert sorted(p[:-1] for p in pieces) == sorted(encode(d) for d in docs)
+        assert Tokenizer.load(out / "tokenizer").encode("x = 1", add_special_tokens=False) == (
+            encode("x = 1")
+        )
+
+
+def test_stdlib_corpus_is_sorted_and_skips_tests():
+    from stoker.data.corpora import stdlib_files
+
+    files = stdlib_files()
+    paths = [f.path for f in files]
+    assert paths == sorted(paths) and len(paths) > 500
+    root = Path(sysconfig.get_paths()["stdlib"])
+    parts = {p for f in paths for p in f.relative_to(root).parts[:-1]}
+    assert not parts & {"test", "tests", "site-packages"}
+    assert root / "argparse.py" in paths

@@ -75,6 +75,8 @@ def test_fit_and_law_input_errors():
         fit_law([1e8] * 6, np.logspace(9, 10, 6), [3.0] * 6)
     with pytest.raises(StokerError, match="E,A,B,alpha,beta"):
         parse_law("1.69,406.4")
+    with pytest.raises(StokerError, match="positive, finite"):
+        fit_law([1e8, 2e8, 4e8, 8e8, 1e9], np.logspace(9, 10, 5), [3.0, 2.9, -1, 2.7, 2.6])
     assert parse_law("1.69,406.4,410.7,0.34,0.28").loss(1.294e9, 8.472e10) == pytest.approx(
         HOFFMANN.loss(1.294e9, 8.472e10)
     )

@@ -1,6 +1,8 @@
 """`stoker count` and `stoker plan` through the CLI: numbers, JSON keys, every error path."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -96,6 +98,7 @@ def test_plan_budget_hours_and_default_tokens_agree(capsys):
     assert by_budget["hours"] == pytest.approx(10)
     default = run_json(capsys, "plan", "--preset", "llama-1.36b")
     assert default["tokens_per_param"] == pytest.approx(20) and default["hours"] is None
+    assert default["law_in_fitted_range"] is True
 
 
 def test_plan_text_says_where_numbers_come_from(capsys):
@@ -138,6 +141,19 @@ def test_plan_recipe_tokens_and_fitted_law(tmp_path, capsys, write_run):
     )
     r = run_json(capsys, "plan", str(recipe), "--fit", *runs, "--law", "2,400,400,0.3,0.3")
     assert r["tokens"] == 1000 * 16 * 2048 and "recipe" in r["tokens_basis"]
+    assert r["law_in_fitted_range"] is False  # 33M tokens: far below Hoffmann's 5B
     assert r["loss_fitted"] == pytest.approx(r["loss_besiroglu"], rel=0.01)
     assert r["fit"]["points"] == 24 and r["fit"]["runs"][0]["loss_key"] == "val_loss"
     assert r["loss_custom"] == pytest.approx(2 + 400 / 134_515_008**0.3 + 400 / r["tokens"] ** 0.3)
+
+
+def test_count_and_plan_do_not_import_torch():
+    code = (
+        "import sys, io, contextlib\n"
+        "from stoker.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main(['count', '--preset', 'llama-1.36b']) == 0\n"
+        "    assert main(['plan', '--preset', 'llama-1.36b', '--gpu', 'h20']) == 0\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -51,8 +51,8 @@ from stoker.data.shards import (
 from stoker.data.tokenizer import Tokenizer, load_tokenizer_from, train_bpe
 from stoker.errors import StokerError
 
-BATCH_DOCS = 512  # documents per encode_batch call ...
-BATCH_CHARS = 4_000_000  # ... or fewer when they are long
+BATCH_DOCS = 1024  # documents per encode_batch call ...
+BATCH_CHARS = 1_000_000  # ... or fewer when they are long
 SHARD_NAME = re.compile(r"^(train|val)-\d{5}\.bin$")
 TOKENIZER_NAMES = {
     "tokenizer.json",

@@ -21,11 +21,13 @@ from __future__ import annotations
 import itertools
 import json
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import yaml
+from numpy.typing import ArrayLike
 
 from stoker.errors import StokerError
 
@@ -33,6 +35,15 @@ DATA_CAVEAT = (
     "hoffmann and besiroglu were fitted on MassiveText with its tokenizer, not your data or "
     "tokenizer: arithmetic, not a promise for your corpus"
 )
+
+# Hoffmann et al. 2022 trained 70M to 16B parameters on 5B to 500B tokens (§3).
+FITTED_RANGE = {"params": (7e7, 1.6e10), "tokens": (5e9, 5e11)}
+
+
+def in_fitted_range(n_params: float, tokens: float) -> bool:
+    """Whether (N, D) lies inside the range the published laws were fitted on."""
+    (n_lo, n_hi), (d_lo, d_hi) = FITTED_RANGE["params"], FITTED_RANGE["tokens"]
+    return n_lo <= n_params <= n_hi and d_lo <= tokens <= d_hi
 
 
 @dataclass(frozen=True)
@@ -85,7 +96,7 @@ def parse_law(text: str) -> Chinchilla:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != 5 or min(values[:3]) < 0:
+    if len(values) != 5 or min(values[:3]) < 0 or not all(map(math.isfinite, values)):
         raise StokerError(f"--law takes five numbers E,A,B,alpha,beta (E, A, B >= 0), got {text!r}")
     return Chinchilla(*values)
 
@@ -118,7 +129,7 @@ def _objective(
 
 
 def minimize_lbfgs(
-    fun,
+    fun: Callable[[np.ndarray], tuple[float, np.ndarray]],
     x0: np.ndarray,
     max_iter: int = 1000,
     memory: int = 10,
@@ -181,23 +192,25 @@ class Fit:
     n_sizes: int  # distinct N
 
 
-def fit_law(n_params, tokens, losses, delta: float = 1e-3, starts: int = 16) -> Fit:
+def fit_law(
+    n_params: ArrayLike, tokens: ArrayLike, losses: ArrayLike, delta: float = 1e-3, starts: int = 16
+) -> Fit:
     """Fit (E, A, B, α, β) to observed losses as Hoffmann et al. did (module docstring):
     the objective is evaluated on their whole grid, L-BFGS runs from the `starts` best."""
-    log_n, log_d, log_l = (np.log(np.asarray(v, dtype=float)) for v in (n_params, tokens, losses))
-    if not (len(log_n) == len(log_d) == len(log_l)):
+    arrays = [np.asarray(v, dtype=float) for v in (n_params, tokens, losses)]
+    if len({len(v) for v in arrays}) != 1:
         raise StokerError("fit_law needs equally many N, D and loss values")
+    if not all(np.all(np.isfinite(v) & (v > 0)) for v in arrays):
+        raise StokerError("fit_law needs positive, finite N, D and losses")
+    log_n, log_d, log_l = (np.log(v) for v in arrays)
     n_sizes = len(np.unique(np.round(log_n, 6)))
     if len(log_l) < 5 or n_sizes < 2:
         raise StokerError(
             f"fitting 5 constants needs >= 5 points from >= 2 model sizes; got "
             f"{len(log_l)} points, {n_sizes} size(s)"
         )
-    if not np.all(np.isfinite(log_l)) or not np.all(np.isfinite(log_n + log_d)):
-        raise StokerError("fit_law needs positive, finite N, D and losses")
-    alpha, beta, e, a, b = HOFFMANN_GRID
-    grid = np.array(
-        [(a_, b_, e_, al, be) for al, be, e_, a_, b_ in itertools.product(alpha, beta, e, a, b)]
+    grid = np.array(  # rows θ = (a, b, e, α, β)
+        [(a, b, e, al, be) for al, be, e, a, b in itertools.product(*HOFFMANN_GRID)]
     )
     scores = np.concatenate(
         [
@@ -299,7 +312,7 @@ def load_run_points(path: str | Path, final_only: bool = False) -> RunPoints:
     )
 
 
-def fit_runs(paths: list[str], final_only: bool = False) -> tuple[Fit, list[RunPoints]]:
+def fit_runs(paths: Sequence[str | Path], final_only: bool = False) -> tuple[Fit, list[RunPoints]]:
     """`fit_law` on the points of several runs."""
     runs = [load_run_points(p, final_only) for p in paths]
     n = np.concatenate([np.full(len(r.tokens), r.n_params) for r in runs])

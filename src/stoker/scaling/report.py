@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import asdict
 
-from stoker.config import PRESETS, RecipeConfig, load_config, validate_config
+from stoker.config import PRESETS, ModelConfig, RecipeConfig, load_config, validate_config
 from stoker.errors import StokerError
 from stoker.scaling import flops, hardware, laws
 
@@ -125,16 +125,8 @@ def _shape(cfg: RecipeConfig, args: argparse.Namespace) -> tuple[int, int, str]:
 
 
 def _memory_json(e: flops.MemoryEstimate) -> dict:
-    return {
-        "weights": e.weights,
-        "grads": e.grads,
-        "optimizer": e.optimizer,
-        "weight_copies": e.weight_copies,
-        "activations": e.activations,
-        "activations_checkpointed": e.activations_checkpointed,
-        "total": e.total(False),
-        "total_checkpointed": e.total(True),
-    }
+    parts = {k: v for k, v in asdict(e).items() if k not in ("strategy", "num_gpus", "tokens")}
+    return {**parts, "total": e.total(False), "total_checkpointed": e.total(True)}
 
 
 # ---------------------------------------------------------------------------------- count
@@ -177,7 +169,7 @@ def count_result(cfg: RecipeConfig, label: str, args: argparse.Namespace) -> dic
     }
 
 
-def _print_count(r: dict, m) -> None:
+def _print_count(r: dict, m: ModelConfig) -> None:
     p = r["params"]
     tied = "tied" if m.tie_embeddings else "untied"
     print(
@@ -249,14 +241,8 @@ def _throughput(args: argparse.Namespace, per_token: float) -> dict:
     if args.price_per_gpu_hour is not None and args.price_per_gpu_hour < 0:
         raise StokerError("--price-per-gpu-hour must not be negative")
     if args.gpu is None:
-        return {
-            "gpu": None,
-            "gpu_name": None,
-            "peak_flops": None,
-            "dtype": args.dtype,
-            "tokens_per_second": None,
-            "device_memory_gib": None,
-        }
+        keys = ("gpu", "gpu_name", "peak_flops", "tokens_per_second", "device_memory_gib")
+        return {**dict.fromkeys(keys), "dtype": args.dtype}
     device = hardware.require_device(args.gpu)
     peak = hardware.peak_flops(device.name, args.dtype)
     if peak is None:
@@ -355,6 +341,7 @@ def plan_result(cfg: RecipeConfig, label: str, from_recipe: bool, args: argparse
         "price_per_gpu_hour": price,
         "cost": hours * args.num_gpus * price if hours and price else None,
         "law_caveat": laws.DATA_CAVEAT,
+        "law_in_fitted_range": laws.in_fitted_range(n, tokens),
         "memory_per_gpu": {
             "strategy": strategy,
             "micro_batch_size": mb,
@@ -450,6 +437,11 @@ def _print_laws(r: dict) -> None:
     print(f"predicted loss, Chinchilla L = E + A/N^α + B/D^β ({r['law_caveat']}):")
     for name, law in r["laws"].items():
         print(f"  {name:<10} {r[f'loss_{name}']:.4f}   ({law['source']})")
+    if not r["law_in_fitted_range"]:
+        print(
+            "  note: N or D lies outside the 70M-16B params, 5B-500B tokens the published "
+            "laws were fitted on: extrapolation"
+        )
     print(f"compute-optimal for the same C = {r['budget_flops']:.3g} FLOPs:")
     for name, opt in r["compute_optimal"].items():
         print(

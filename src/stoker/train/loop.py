@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
