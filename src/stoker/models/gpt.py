@@ -123,7 +123,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(k, v)  # (B, K, S, D), S = past + T
         S = k.shape[2]
-        if K != H:  # share each kv head across H/K query heads
+        gqa = K != H and x.device.type == "cpu"  # CPU kernels share kv heads without copies
+        if K != H and not gqa:  # share each kv head across H/K query heads
             k = k[:, :, None].expand(B, K, H // K, S, D).reshape(B, H, S, D)
             v = v[:, :, None].expand(B, K, H // K, S, D).reshape(B, H, S, D)
         mask, causal = None, T > 1
@@ -133,7 +134,7 @@ class Attention(nn.Module):
             causal = False
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                           is_causal=causal)  # (B, H, T, D)
+                                           is_causal=causal, enable_gqa=gqa)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H·D)
         return self.o_proj(y)
 
@@ -199,6 +200,7 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self._rope_cache: Rope | None = None  # tables for positions 0.., see `_rope_range`
 
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor,
                                                                                  Rope | None]:
@@ -214,13 +216,28 @@ class Decoder(nn.Module):
         if self.embed_positions is not None and start + T > self.config.max_seq_len:
             raise ValueError(f"{start + T} positions exceed max_seq_len="
                              f"{self.config.max_seq_len} of this learned-position model")
-        positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
-        x, rope = self.embed(input_ids, positions)
+        if self.embed_positions is not None:
+            x, rope = self.embed(input_ids, torch.arange(start, start + T, device=input_ids.device))
+        else:  # slices of cached tables: a decoding step costs no table recomputation
+            x, rope = self.drop(self.embed_tokens(input_ids)), self._rope_range(start, start + T)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache.layer(i) if cache is not None else None)  # (B, T, C)
         if cache is not None:
             cache.length += T
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def _rope_range(self, start: int, end: int) -> Rope:
+        """RoPE tables for positions start..end-1, equal to `rope_tables(arange(start, end))`:
+        slices of tables computed once per device for max(end, max_seq_len) positions."""
+        device = self.embed_tokens.weight.device
+        if (self._rope_cache is None or self._rope_cache[0].device != device
+                or self._rope_cache[0].shape[0] < end):
+            n = max(end, self.config.max_seq_len)
+            with torch.inference_mode(False):  # normal tensors, so autograd may save them later
+                self._rope_cache = rope_tables(torch.arange(n, device=device),
+                                               self.config.dim_head, self.config.rope_theta)
+        cos, sin = self._rope_cache
+        return cos[start:end], sin[start:end]  # (T, D) each
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         p = self.embed_tokens.weight
@@ -228,10 +245,23 @@ class Decoder(nn.Module):
                        dtype or p.dtype)
 
 
+_LOSS_CHUNK = 1 << 21  # logits per CPU cross-entropy piece: 8 MB in fp32
+
+
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy; `targets` are already shifted (B, T)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(),
-                           ignore_index=ignore_index)
+    """Mean next-token cross-entropy in float32; `targets` are already shifted (B, T).
+
+    On CPU, large logits go through in row chunks: each chunk's float32 copy, log-softmax and
+    gradients stay small enough for the heap and the cache, where one (B·T, V) float32 temporary
+    would be a fresh mmap that page-faults on every step. Same value up to summation order."""
+    logits, targets = logits.flatten(0, 1), targets.flatten()  # (B·T, V), (B·T,)
+    if logits.device.type != "cpu" or logits.numel() <= _LOSS_CHUNK:
+        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+    rows = max(1, _LOSS_CHUNK // logits.shape[1])
+    total = torch.stack([F.cross_entropy(chunk.float(), t, ignore_index=ignore_index,
+                                         reduction="sum")
+                         for chunk, t in zip(logits.split(rows), targets.split(rows))]).sum()
+    return total / (targets != ignore_index).sum()
 
 
 def init_weights(model: nn.Module, std: float, n_layer: int) -> None:

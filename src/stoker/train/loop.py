@@ -203,6 +203,7 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
 
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
                 last_val = evaluate(fwd, val_data, t.eval_steps, info, amp, n_micro)
+                meter.exclude_since_last_step()
                 tracker.log({"step": step, "val_loss": last_val,
                              "val_perplexity": math.exp(min(last_val, 50))})
                 if last_val < best_val - 1e-4:
@@ -215,6 +216,7 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
                 stopped = stopped or f"stopped by signal at step {step}"
             if stopped or step % t.save_interval == 0 or step == t.max_steps:
                 save(step)
+                meter.exclude_since_last_step()
             if stopped:
                 break
     bar.close()

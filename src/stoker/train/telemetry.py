@@ -63,13 +63,16 @@ class Throughput:
         self.world = info.world
         self.t_start = time.perf_counter()
         self.total_tokens = self.total_steps = 0
+        self.last_end: float | None = None
         self._reset_window()
 
     def _reset_window(self) -> None:
         self.w_tokens, self.w_time, self.w_data = 0, 0.0, 0.0
 
     def start_step(self) -> None:
-        self.t0 = self.t_mark = time.perf_counter()
+        self.t_mark = time.perf_counter()
+        if self.last_end is None:
+            self.last_end = self.t_mark
 
     def data_ready(self) -> None:
         now = time.perf_counter()
@@ -77,10 +80,18 @@ class Throughput:
         self.t_mark = now
 
     def end_step(self, tokens: int) -> None:
-        self.w_time += time.perf_counter() - self.t0
+        """Step time is wall time since the previous step ended: logging and the progress bar
+        count, evaluation and checkpointing do not (see `exclude_since_last_step`)."""
+        now = time.perf_counter()
+        self.w_time += now - self.last_end
+        self.last_end = now
         self.w_tokens += tokens
         self.total_tokens += tokens
         self.total_steps += 1
+
+    def exclude_since_last_step(self) -> None:
+        """Leave the time since the last step (an eval, a save) out of throughput."""
+        self.last_end = None
 
     def mfu(self, tokens_per_second: float) -> float | None:
         if not self.peak:
