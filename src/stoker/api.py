@@ -11,20 +11,39 @@ from pathlib import Path
 
 import torch
 
-from stoker.config import ModelConfig, validate_config
+from stoker.config import ModelConfig, MoRConfig, validate_config
 from stoker.data.tokenizer import Tokenizer
 from stoker.errors import StokerError
 from stoker.models.gpt import Decoder
 from stoker.models.gpt import build_model as _build_decoder
-from stoker.train.checkpoint import MARKER, load_weights, read_meta, resolve_checkpoint
+from stoker.train.checkpoint import (
+    MARKER,
+    load_state_dict_file,
+    load_weights,
+    read_meta,
+    resolve_checkpoint,
+)
 
 
-def build_model(config: ModelConfig | dict, device: str | torch.device | None = None
-                ) -> torch.nn.Module:
-    """A freshly initialized model for a model config (or its dict)."""
+def build_model(config: ModelConfig | dict, device: str | torch.device | None = None,
+                mor: MoRConfig | dict | None = None) -> torch.nn.Module:
+    """A freshly initialized model for a model config (or its dict): the decoder, or a
+    Mixture-of-Recursions model when `mor` is given (uptrained from `mor.init_from` if set)."""
     if isinstance(config, dict):
         config = validate_config(config, ModelConfig)
-    return _build_decoder(config, device)
+    if mor is None:
+        return _build_decoder(config, device)
+    from stoker.models.mor import build_mor
+
+    mor = validate_config(mor, MoRConfig) if isinstance(mor, dict) else mor
+    model = build_mor(config, mor, device)
+    if mor.init_from is not None and str(device) != "meta":
+        from stoker.models.mor_init import uptrain
+
+        src = resolve_checkpoint(mor.init_from)
+        uptrain(model, load_state_dict_file(src / "model.safetensors"),
+                validate_config(read_meta(src)["config"]["model"], ModelConfig), mor.init)
+    return model
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -33,14 +52,17 @@ def is_hf_dir(path: str | Path) -> bool:
 
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
-    """A model from a run dir (latest checkpoint), a checkpoint dir, or a local HF directory."""
+    """A model from a run dir (latest checkpoint), a checkpoint dir, or a local HF directory
+    (a `MoRDecoder` for Mixture-of-Recursions runs)."""
     if is_hf_dir(path):
         from stoker.models.hf import load_hf_model
 
         return load_hf_model(path).to(device)
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
-    model = build_model(meta["config"]["model"])
+    mor = meta["config"].get("mor")  # a MoR run: its weights replace any uptraining init
+    model = build_model(meta["config"]["model"], mor=mor and {**mor, "init": "random",
+                                                              "init_from": None})
     load_weights(model, ckpt)
     return model.to(device).eval()
 

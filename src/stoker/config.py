@@ -13,7 +13,7 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
@@ -223,14 +223,64 @@ class TrackConfig(Section):
     experiment: str = "stoker"
 
 
+class MoRConfig(Section):
+    """Mixture-of-Recursions (Bae et al. 2025; REFERENCE.md §4): the `model.n_layer` applied
+    layers share weights over `recursions`; `router` picks each token's depth (`none`: the
+    recursive baseline). See models/mor.py."""
+
+    recursions: int = 2
+    sharing: Literal["cycle", "sequence", "middle_cycle", "middle_sequence"] = "middle_cycle"
+    router: Literal["expert", "token", "none"] = "expert"
+    kv_cache: Literal["recursion", "shared"] = "recursion"  # recursion-wise | recursive sharing
+    alpha: float = 0.1  # expert-choice gate α·sigmoid(logit)
+    aux_loss_coeff: float = 0.001  # expert-choice BCE
+    balance_coeff: float = 0.1  # token-choice Switch-style balancing loss
+    z_loss_coeff: float = 1e-5  # token-choice router z-loss
+    bias_balance_rate: float = 0.0  # token-choice loss-free bias balancing step (0 = off)
+    init: Literal["random", "stepwise", "average", "lower", "upper"] = "random"
+    init_from: str | None = None  # decoder checkpoint to uptrain from (init != random)
+
+    @field_validator("router", mode="before")
+    @classmethod
+    def _none_is_no_router(cls, v: Any) -> Any:
+        return "none" if v is None else v  # `--mor.router=none` arrives as None
+
+    @model_validator(mode="after")
+    def _check_mor(self) -> MoRConfig:
+        if self.recursions < 1:
+            raise ValueError(f"mor.recursions must be >= 1, got {self.recursions}")
+        if (self.init == "random") != (self.init_from is None):
+            raise ValueError("mor.init=random takes no mor.init_from; stepwise/average/lower/"
+                             "upper need mor.init_from=CHECKPOINT (e.g. from stoker import-hf)")
+        cyclic = self.sharing in ("cycle", "middle_cycle")
+        if not cyclic and self.recursions > 1 and (self.router != "none"
+                                                   or self.kv_cache == "shared"):
+            raise ValueError(f"mor.sharing={self.sharing} supports only the recursive baseline "
+                             "(mor.router=none, mor.kv_cache=recursion); routing and KV sharing "
+                             "need a recursion block: use cycle or middle_cycle")
+        return self
+
+
 class RecipeConfig(Section):
     recipe: str = "pretrain"
     model: ModelConfig = ModelConfig()
+    mor: MoRConfig | None = None  # set: a Mixture-of-Recursions model (models/mor.py)
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
     dist: DistConfig = DistConfig()
     track: TrackConfig = TrackConfig()
+
+    @model_validator(mode="after")
+    def _check_sharing(self) -> RecipeConfig:
+        if self.mor is not None:
+            n, r, middle = self.model.n_layer, self.mor.recursions, "middle" in self.mor.sharing
+            shared = n - 2 if middle else n
+            if shared <= 0 or shared % r:
+                name = "model.n_layer-2" if middle else "model.n_layer"
+                raise ValueError(f"mor.sharing={self.mor.sharing} needs {name}={shared} "
+                                 f"divisible by mor.recursions={r}")
+        return self
 
 
 # ------------------------------------------------------------------------------- loading
@@ -273,6 +323,7 @@ def valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in model.model_fields.items():
         ann = field.annotation
+        ann = next((a for a in get_args(ann) if a is not type(None)), ann)  # X | None -> X
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             keys += valid_keys(ann, f"{prefix}{name}.")
         else:

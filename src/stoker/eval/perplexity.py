@@ -1,4 +1,8 @@
-"""`stoker eval`: validation loss and perplexity of a run or checkpoint on token shards."""
+"""`stoker eval`: validation loss and perplexity of a run or checkpoint on token shards.
+
+For a Mixture-of-Recursions run it also reports how often causal threshold routing (what
+decoding uses) agrees with training-time top-k routing, and the loss under each
+(models/mor.py, `MoRDecoder.evaluate_routing`)."""
 
 from __future__ import annotations
 
@@ -37,17 +41,21 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | None = None, split: st
     micro = cfg.train.micro_batch_size
     n_micro = max(1, cfg.train.batch_size // micro)
     loader = TokenWindows(data_dir, split, seq_len, micro * n_micro, cfg.train.seed + 1)
-    total, count = 0.0, 0
+    total, count, routing = 0.0, 0, {}
     with torch.inference_mode():
         for step in range(n):
             for m in range(n_micro):
                 x, y = loader.batch(step, 0, 1, m, n_micro)
                 total += float(lm_loss(model(x.to(dev)), y.to(dev)))
                 count += 1
+                if hasattr(model, "evaluate_routing"):
+                    for k, v in model.evaluate_routing(x.to(dev), y.to(dev)).items():
+                        routing[k] = routing.get(k, 0.0) + v
     loss = total / count
     return {"checkpoint": str(ckpt), "data_dir": str(data_dir), "split": split,
             "batches": n, "tokens": n * micro * n_micro * seq_len, "loss": loss,
-            "perplexity": math.exp(min(loss, 50))}
+            "perplexity": math.exp(min(loss, 50)),
+            **({"routing": {k: v / count for k, v in routing.items()}} if routing else {})}
 
 
 def eval_command(args) -> int:
@@ -57,4 +65,11 @@ def eval_command(args) -> int:
     else:
         print(f"{result['split']} loss {result['loss']:.4f}  perplexity "
               f"{result['perplexity']:.2f}  ({result['tokens']:,} tokens, {result['checkpoint']})")
+        if "routing" in result:
+            r = result["routing"]
+            agree = "  ".join(f"r{k.rsplit('_r', 1)[1]} {v:.1%}" for k, v in r.items()
+                              if k.startswith("mor_agree_r"))
+            print(f"routing: threshold sigmoid(logit) > 0.5 vs training top-k: per-token depth "
+                  f"agreement {r['depth_agreement']:.1%}; decisions {agree or 'n/a'}; loss "
+                  f"top-k {r['loss_topk']:.4f} vs threshold (causal) {r['loss_threshold']:.4f}")
     return 0

@@ -258,9 +258,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
     if logits.device.type != "cpu" or logits.numel() <= _LOSS_CHUNK:
         return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
     rows = max(1, _LOSS_CHUNK // logits.shape[1])
+    pieces = zip(logits.split(rows), targets.split(rows), strict=True)  # (rows, V), (rows,)
     total = torch.stack([F.cross_entropy(chunk.float(), t, ignore_index=ignore_index,
-                                         reduction="sum")
-                         for chunk, t in zip(logits.split(rows), targets.split(rows))]).sum()
+                                         reduction="sum") for chunk, t in pieces]).sum()
     return total / (targets != ignore_index).sum()
 
 

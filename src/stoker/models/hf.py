@@ -441,6 +441,9 @@ def export_hf(path: str | Path, out: str | Path) -> Path:
     from stoker.train.checkpoint import is_checkpoint, read_meta, resolve_checkpoint
 
     ckpt = resolve_checkpoint(path)
+    if read_meta(ckpt).get("config", {}).get("mor") is not None:
+        raise StokerError(f"{ckpt} is a Mixture-of-Recursions model; transformers has no "
+                          "architecture for it, so export-hf cannot write one")
     model_cfg = read_meta(ckpt).get("config", {}).get("model")
     if not isinstance(model_cfg, dict):
         raise StokerError(f"{ckpt}/stoker.json has no model config; re-save the checkpoint")

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from stoker.config import ModelConfig
+from stoker.config import ModelConfig, MoRConfig
 from stoker.errors import StokerError
 
 CONVENTIONS: dict[str, str] = {
@@ -31,6 +31,10 @@ CONVENTIONS: dict[str, str] = {
     "nonembed": "6N + 12·L·H·Q·T, N = non-embedding (no embedding, position, untied head)",
     "kaplan": "6N + 6·L·T·H·Q, N = non-embedding (Kaplan et al. 2020, table 1)",
     "detailed": "3 × forward matmuls: projections, causal attention (T+1)/2, LM head",
+}
+MOR_CONVENTIONS: dict[str, str] = {
+    "palm": "6·N_applied + 12·H·Q·T·Σ c_l², N_applied = Σ capacity c_l × layer params (MoR)",
+    "detailed": "3 × forward matmuls, linear ∝ capacity c, attention ∝ c² (MoR)",
 }
 STRATEGIES = ("ddp", "zero1", "fsdp2")
 SHARING = ("cycle", "sequence", "middle_cycle", "middle_sequence")
@@ -202,6 +206,88 @@ def flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "palm") ->
     return 6.0 * n[convention] + attention
 
 
+# ------------------------------------------------------------------ Mixture-of-Recursions
+def mor_router_params(cfg: ModelConfig, mor: MoRConfig) -> int:
+    """Router weights of a MoR model: R × Linear(C, 1) (expert-choice) or Linear(C, R)
+    (token-choice), none for the recursive baseline or R = 1 (models/mor.py)."""
+    return 0 if mor.router == "none" or mor.recursions == 1 else cfg.d_model * mor.recursions
+
+
+def mor_token_counts(mor: MoRConfig, seq_len: int) -> list[int]:
+    """Tokens of a T-token sequence that each recursion processes: expert-choice's
+    hierarchical capacity max(1, ⌊(R−r)·T/R⌋) (REFERENCE.md §4), which is also token-choice
+    under perfect balance (1/R of the tokens per depth); all T for the recursive baseline."""
+    R, T = mor.recursions, seq_len
+    if mor.router == "none" or R == 1:
+        return [T] * R
+    return [max(1, (R - r) * T // R) for r in range(R)]
+
+
+def mor_layer_capacities(cfg: ModelConfig, mor: MoRConfig, seq_len: int) -> list[float]:
+    """Share of the tokens each applied layer processes, in order."""
+    edge = 1 if mor.sharing.startswith("middle") else 0
+    block = (cfg.n_layer - 2 * edge) // mor.recursions
+    inner = [n / seq_len for n in mor_token_counts(mor, seq_len) for _ in range(block)]
+    return [1.0] * edge + inner + [1.0] * edge
+
+
+def mor_forward_flops(
+    cfg: ModelConfig, mor: MoRConfig, seq_len: int, causal: bool = True
+) -> dict[str, float]:
+    """Forward matmul FLOPs per token of a MoR model, by component, capacity-aware: a
+    recursion processing c·T tokens costs c × the linear FLOPs and, with recursion-wise KV
+    caching, c² × the attention-score FLOPs (c·T queries over c·T keys). Under KV sharing,
+    recursions ≥ 1 skip the k/v projections and their c·T queries read all T keys."""
+    T, H, Q = seq_len, cfg.n_head, cfg.dim_head
+    shapes = linear_shapes(cfg)
+    proj = sum(2.0 * i * o for n, (i, o) in shapes.items() if n in ATTENTION_LINEARS)
+    kv = sum(2.0 * i * o for n, (i, o) in shapes.items() if n in ("k_proj", "v_proj"))
+    mlp = sum(2.0 * i * o for n, (i, o) in shapes.items() if n not in ATTENTION_LINEARS)
+
+    def ctx(n: int) -> float:
+        return (n + 1) / 2 if causal else n
+
+    edge = 2 if mor.sharing.startswith("middle") else 0
+    block = (cfg.n_layer - edge) // mor.recursions
+    out = {
+        "attention_proj": edge * proj,
+        "attention_scores": edge * 4.0 * H * Q * ctx(T),
+        "mlp": edge * mlp,
+        "router": 2.0 * cfg.d_model * mor_router_params(cfg, mor) / cfg.d_model,
+        "lm_head": 2.0 * cfg.d_model * cfg.vocab_size,
+    }
+    for r, n in enumerate(mor_token_counts(mor, T)):
+        c, shared = n / T, mor.kv_cache == "shared" and r > 0
+        out["attention_proj"] += block * c * (proj - (kv if shared else 0.0))
+        out["attention_scores"] += block * c * 4.0 * H * Q * ctx(T if shared else n)
+        out["mlp"] += block * c * mlp
+    return out
+
+
+def mor_flops_per_token(
+    cfg: ModelConfig, mor: MoRConfig, seq_len: int, convention: str = "palm"
+) -> float:
+    """Training FLOPs per token of a MoR model. `palm`: 6·N_applied + 12·H·Q·T·Σ_l a_l, where
+    N_applied counts each applied layer's parameters × its capacity c_l (k/v left out under
+    KV sharing) and a_l = c_l² (c_l with KV sharing): the vanilla formula when every c_l = 1.
+    `detailed`: 3 × `mor_forward_flops`."""
+    if convention == "detailed":
+        return 3.0 * sum(mor_forward_flops(cfg, mor, seq_len, causal=True).values())
+    if convention != "palm":
+        raise StokerError(f"MoR FLOPs conventions: palm, detailed (got {convention!r})")
+    p, shapes = count_params_shared(cfg, mor.recursions, mor.sharing), linear_shapes(cfg)
+    kv = sum(i * o for n, (i, o) in shapes.items() if n in ("k_proj", "v_proj"))
+    edge = 2 if mor.sharing.startswith("middle") else 0
+    block = (cfg.n_layer - edge) // mor.recursions
+    n_applied = p.total - p.n_layer * p.layer + mor_router_params(cfg, mor) + edge * p.layer
+    attention = float(edge)
+    for r, n in enumerate(mor_token_counts(mor, seq_len)):
+        c, shared = n / seq_len, mor.kv_cache == "shared" and r > 0
+        n_applied += block * c * (p.layer - (kv if shared else 0))
+        attention += block * (c if shared else c * c)
+    return 6.0 * n_applied + 12.0 * cfg.n_head * cfg.dim_head * seq_len * attention
+
+
 # ---------------------------------------------------------------------------------- memory
 def precision_mode(precision: str, strategy: str) -> str:
     """How weights and activations are held: `autocast` (fp32 weights, bf16/fp16 autocast:
@@ -279,6 +365,7 @@ def estimate_memory(
     micro_batch_size: int = 1,
     seq_len: int | None = None,
     precision: str = "bf16",
+    mor: MoRConfig | None = None,
 ) -> MemoryEstimate:
     """Memory per GPU for AdamW training: states, weight copies and activations.
 
@@ -287,12 +374,15 @@ def estimate_memory(
     buffers (two units in bf16 and one unit's unsharded gradient in bf16 + fp32).
     Not counted: CUDA context, allocator fragmentation, NCCL and DDP buckets
     (assumes `gradient_as_bucket_view=True`), cuBLAS workspaces.
+    With `mor`, weights are the unique blocks and activations scale with the applied layers'
+    capacities (routers and router activations are left out: < 0.01%).
     """
     if strategy not in STRATEGIES:
         raise StokerError(f"unknown strategy {strategy!r}; known: {', '.join(STRATEGIES)}")
     T = seq_len or cfg.max_seq_len
     tokens, g = micro_batch_size * T, num_gpus
-    p = count_params(cfg)
+    p = count_params(cfg) if mor is None else count_params_shared(cfg, mor.recursions, mor.sharing)
+    applied = cfg.n_layer if mor is None else sum(mor_layer_capacities(cfg, mor, T))
     mode = precision_mode(precision, strategy)
     n = p.total
     weights, grads, optim = 4.0 * n, 4.0 * n, 8.0 * n
@@ -308,8 +398,8 @@ def estimate_memory(
     layer = layer_activation_bytes(cfg, mode)
     head = head_activation_bytes(cfg, mode)
     res = 2 if mode == "low" else 4
-    per_token = cfg.n_layer * layer + head["saved"] + head["transient"]
-    ckpt = cfg.n_layer * res * cfg.d_model + layer + head["saved"] + head["transient"]
+    per_token = applied * layer + head["saved"] + head["transient"]
+    ckpt = applied * res * cfg.d_model + layer + head["saved"] + head["transient"]
     return MemoryEstimate(
         strategy, g, tokens, weights, grads, optim, copies, tokens * per_token, tokens * ckpt
     )

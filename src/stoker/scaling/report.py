@@ -134,16 +134,24 @@ def count_result(cfg: RecipeConfig, label: str, args: argparse.Namespace) -> dic
     """Everything `stoker count` prints, as a JSON-able dict."""
     m = cfg.model
     T, mb, precision = _shape(cfg, args)
-    p = flops.count_params(m)
+    mor = cfg.mor
+    p = flops.count_params(m) if mor is None else flops.count_params_shared(m, mor.recursions,
+                                                                            mor.sharing)
+    routers = 0 if mor is None else flops.mor_router_params(m, mor)
     memory = {
-        s: flops.estimate_memory(m, s, args.num_gpus, mb, T, precision) for s in flops.STRATEGIES
+        s: flops.estimate_memory(m, s, args.num_gpus, mb, T, precision, mor)
+        for s in flops.STRATEGIES
     }
+    if mor is None:
+        per_token = {c: flops.flops_per_token(m, T, c) for c in flops.CONVENTIONS}
+    else:
+        per_token = {c: flops.mor_flops_per_token(m, mor, T, c) for c in flops.MOR_CONVENTIONS}
     return {
         "model": label,
         "arch": m.arch,
-        "params_total": p.total,
-        "params_non_embedding": p.non_embedding,
-        "params_trainable": p.total,
+        "params_total": p.total + routers,
+        "params_non_embedding": p.non_embedding + routers,
+        "params_trainable": p.total + routers,
         "params": {
             "embedding": p.embedding,
             "position": p.position,
@@ -157,14 +165,31 @@ def count_result(cfg: RecipeConfig, label: str, args: argparse.Namespace) -> dic
             "torchtitan_n": p.without_embedding_tables,
         },
         "seq_len": T,
-        "flops_per_token": {c: flops.flops_per_token(m, T, c) for c in flops.CONVENTIONS},
-        "flops_conventions": flops.CONVENTIONS,
+        "flops_per_token": per_token,
+        "flops_conventions": flops.CONVENTIONS if mor is None else flops.MOR_CONVENTIONS,
+        "mor": None if mor is None else _mor_json(m, mor, T, routers),
         "memory": {
             "micro_batch_size": mb,
             "num_gpus": args.num_gpus,
             "precision": precision,
             "unit": "bytes per GPU",
             "per_strategy": {s: _memory_json(e) for s, e in memory.items()},
+        },
+    }
+
+
+def _mor_json(m: ModelConfig, mor, T: int, routers: int) -> dict:
+    """A MoR recipe's sharing, capacities and its ratios to the vanilla decoder of `m`."""
+    vanilla = flops.count_params(m)
+    return {
+        **mor.model_dump(include={"recursions", "sharing", "router", "kv_cache"}),
+        "unique_layers": flops.unique_layers(m.n_layer, mor.recursions, mor.sharing),
+        "router_params": routers,
+        "tokens_per_recursion": flops.mor_token_counts(mor, T),
+        "vanilla_params_non_embedding": vanilla.non_embedding,
+        "flops_ratio_to_vanilla": {
+            c: flops.mor_flops_per_token(m, mor, T, c) / flops.flops_per_token(m, T, c)
+            for c in flops.MOR_CONVENTIONS
         },
     }
 
@@ -192,8 +217,21 @@ def _print_count(r: dict, m: ModelConfig) -> None:
             f"{p['mlp_per_layer']:,}, norms {p['norms_per_layer']:,}; × {p['n_layer']}",
         ),
     ]
+    if r.get("mor"):
+        rows[-1] = (*rows[-1][:2], rows[-1][2] + f" unique ({m.n_layer} applied)")
+        rows.append(("routers", r["mor"]["router_params"], r["mor"]["router"]))
     for name, value, note in rows:
         print(f"  {name:<14}{value:>15,}  {note}")
+    if r.get("mor"):
+        mo = r["mor"]
+        ratio = ", ".join(f"{c} {v:.3f}" for c, v in mo["flops_ratio_to_vanilla"].items())
+        print(
+            f"Mixture-of-Recursions: R={mo['recursions']} {mo['sharing']}, router "
+            f"{mo['router']}, KV cache {mo['kv_cache']}; tokens per recursion at T = "
+            f"{r['seq_len']}: {mo['tokens_per_recursion']}\n  non-embedding "
+            f"{r['params_non_embedding'] / 1e6:.2f}M vs vanilla "
+            f"{mo['vanilla_params_non_embedding'] / 1e6:.2f}M; FLOPs/token vs vanilla: {ratio}"
+        )
     print(f"training FLOPs per token at T = {r['seq_len']} (forward + backward)")
     for c, v in r["flops_per_token"].items():
         print(f"  {c:<11}{v / 1e9:9.3f} GF  {r['flops_conventions'][c]}")

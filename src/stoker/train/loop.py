@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 
+from stoker.api import build_model
 from stoker.config import RecipeConfig, dump_config
 from stoker.errors import StokerError
-from stoker.models.gpt import build_model, lm_loss
+from stoker.models.gpt import lm_loss
 from stoker.train import distributed as D
 from stoker.train.optim import build_optimizer, lr_at
 from stoker.train.state import (
@@ -129,7 +130,8 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
-    raw = build_model(cfg.model).to(info.device)
+    raw = build_model(cfg.model, mor=cfg.mor).to(info.device)
+    aux_loss, telemetry = getattr(raw, "auxiliary_loss", None), getattr(raw, "telemetry", None)
     if t.activation_checkpointing:
         apply_activation_checkpointing(raw)
     model = D.parallelize(raw, cfg.dist.strategy, info)
@@ -170,9 +172,10 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
                 x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
                 meter.data_ready()
                 with D.grad_sync(model, micro == n_micro - 1), amp:
-                    loss = lm_loss(fwd(x), y) / n_micro
+                    lm = lm_loss(fwd(x), y) / n_micro
+                    loss = lm + aux_loss() / n_micro if aux_loss else lm  # e.g. MoR routers'
                 scaler.scale(loss).backward()
-                loss_sum += loss.detach()
+                loss_sum += lm.detach()
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        t.grad_clip if t.grad_clip > 0 else 1e30)
@@ -195,10 +198,12 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
             meter.end_step(t.batch_size * seq_len)
 
             if step % t.log_interval == 0 or step == t.max_steps:
+                extra = telemetry() if telemetry else {}  # the model's own, e.g. MoR routing
                 row = {"step": step, "loss": float(loss_mean), "lr": lr,
-                       "grad_norm": float(grad_norm), **meter.report(), **memory_gb(info)}
+                       "grad_norm": float(grad_norm), **meter.report(), **memory_gb(info), **extra}
                 tracker.log(row)
-                bar.set_postfix_str(meter.postfix(row), refresh=False)
+                bar.set_postfix_str(meter.postfix(row) + "".join(f" {k} {v:.3g}" for k, v in
+                                                                extra.items()), refresh=False)
             bar.update(1)
 
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
