@@ -16,17 +16,6 @@ import torch
 from stoker.errors import StokerError
 
 
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto` picks cuda > mps > cpu."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
                 top_p: float | None = None, generator: torch.Generator | None = None
                 ) -> torch.Tensor:
@@ -117,7 +106,9 @@ def generate_command(args) -> int:
         raise StokerError("--top-k must be at least 1")
     if not Path(args.path).exists():
         raise StokerError(f"no such run, checkpoint or HF directory: {args.path}")
-    device = resolve_device(args.device)
+    from stoker.train.distributed import pick_device
+
+    device = pick_device(args.device)
     model = load_model(args.path, device).eval()
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         model = model.to(torch.bfloat16)

@@ -48,22 +48,13 @@ from stoker.data.shards import (
     load_meta,
     read_meta_file,
 )
-from stoker.data.tokenizer import Tokenizer, load_tokenizer_from, train_bpe
+from stoker.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer_from, train_bpe
 from stoker.errors import StokerError
 
 BATCH_DOCS = 1024  # documents per encode_batch call ...
 BATCH_CHARS = 1_000_000  # ... or fewer when they are long
 SHARD_NAME = re.compile(r"^(train|val)-\d{5}\.bin$")
-TOKENIZER_NAMES = {
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "encoder.json",
-    "vocab.bpe",
-}
+TOKENIZER_NAMES = {*TOKENIZER_FILES, "encoder.json", "vocab.bpe"}  # + original GPT-2 names
 
 
 def is_main_process() -> bool:

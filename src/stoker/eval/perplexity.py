@@ -22,7 +22,6 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | None = None, split: st
     from stoker.config import validate_config
     from stoker.data.loader import TokenWindows
     from stoker.data.shards import check_vocab, load_meta
-    from stoker.generate import resolve_device
     from stoker.models.gpt import lm_loss
     from stoker.train.checkpoint import read_meta, resolve_checkpoint
 
@@ -34,7 +33,9 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | None = None, split: st
                           "`stoker prepare` on the run's recipe")
     meta = load_meta(data_dir)
     check_vocab(meta, cfg.model.vocab_size)
-    dev = resolve_device(device)
+    from stoker.train.distributed import pick_device
+
+    dev = pick_device(device)
     model = load_model(ckpt, dev).eval()
     seq_len = cfg.train.seq_len or cfg.model.max_seq_len
     n = batches or cfg.train.eval_steps
