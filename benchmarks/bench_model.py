@@ -3,7 +3,7 @@
     make bench                                            # = the next line
     .venv/bin/python benchmarks/bench_model.py [--quick] [--json [PATH]] [--threads N]
                                                [--repeats R] [--modes fp32,bf16,decode]
-                                               [--wait-idle SECONDS]
+                                               [--wait-idle SECONDS] [--retries N]
 
 The model is the `bench-llama` preset (6 layers, d 384, 6 heads / 2 KV heads, d_ff 1024,
 vocab 8192, untied head); transformers gets a `LlamaConfig` of identical shapes with
@@ -24,8 +24,9 @@ oneDNN cache or thread-pool state is shared; with `--repeats` > 1 the order alte
   prefill, median over repeats.
 
 Ratios are stoker / transformers (> 1: stoker faster). The `other` column is the CPU (in cores)
-that processes other than the worker used while it ran: on a shared machine numbers taken
-with `other` above ~0.2 are not comparable (`--wait-idle` waits for a quiet machine first).
+that processes other than the worker used while it ran (the worst cell of the row): on a
+shared machine numbers taken with `other` above ~0.2 are not comparable; `--wait-idle` waits
+for a quiet machine before each worker and `--retries` re-runs disturbed workers.
 A benchmark, never a test assertion.
 """
 
@@ -298,6 +299,19 @@ def spawn(impl: str, mode: str, args) -> dict:
     return result
 
 
+def measure(impl: str, mode: str, args) -> dict:
+    """One worker's result; with `--retries`, re-run while other processes disturbed it and
+    keep the least disturbed run."""
+    best: dict | None = None
+    for _ in range(1 + args.retries):
+        result = spawn(impl, mode, args)
+        if best is None or result.get("other_cores", 0) < best.get("other_cores", 0):
+            best = result
+        if best.get("other_cores", 0) <= args.max_other:
+            break
+    return best
+
+
 def summarize(runs: dict, modes: list[str], fpt: float) -> dict:
     """Medians over repeats, ratios stoker/transformers, fractions of the matmul rate."""
     med = lambda key, field: statistics.median(r.get(field, float("nan")) for r in runs[key])
@@ -393,6 +407,20 @@ def main(argv: list[str] | None = None) -> None:
         metavar="SECONDS",
         help="before each worker, wait up to SECONDS for other processes to go quiet",
     )
+    p.add_argument(
+        "--retries",
+        type=int,
+        default=0,
+        help="re-run a worker up to this many times while other processes used more "
+        "than --max-other cores during it; the least disturbed run counts",
+    )
+    p.add_argument(
+        "--max-other",
+        type=float,
+        default=0.25,
+        metavar="CORES",
+        help="other processes' CPU (in cores) tolerated by --retries (default 0.25)",
+    )
     p.add_argument("--worker", nargs=2, metavar=("IMPL", "MODE"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
@@ -401,13 +429,14 @@ def main(argv: list[str] | None = None) -> None:
     modes = [m for m in MODES if m in args.modes.split(",")]
     if not modes:
         p.error(f"--modes: choose from {','.join(MODES)}")
-    jobs = [("matmul", "fp32"), ("matmul", "bf16")]
+    jobs = []
     for rep in range(args.repeats):
         order = IMPLS if rep % 2 == 0 else IMPLS[::-1]
+        jobs += [("matmul", "fp32"), ("matmul", "bf16")]
         jobs += [(impl, mode) for mode in modes for impl in order]
     runs: dict = {}
     for impl, mode in jobs:
-        runs.setdefault((impl, mode), []).append(spawn(impl, mode, args))
+        runs.setdefault((impl, mode), []).append(measure(impl, mode, args))
     summary = summarize(runs, modes, flops_per_token(model_config()))
     summary["runs"] = {f"{impl}/{mode}": v for (impl, mode), v in runs.items()}
     summary["settings"] = {

@@ -10,7 +10,8 @@ training-FLOPs budget, `--vanilla-steps` × the vanilla FLOPs/step, with FLOPs/t
 `stoker count` (PaLM convention, capacity-aware for MoR; token-choice assumes balanced depths):
 steps = budget ÷ (FLOPs/token × tokens/step). Each run is its own `stoker train` process, one
 after another; then `stoker eval` on 20 fixed validation batches (for MoR also under causal
-threshold routing). Prints a markdown table; tokens/s are wall-clock on this machine.
+threshold routing). Prints a markdown table; tokens/s are wall-clock on this machine (median
+of the logged windows). `--reuse` keeps finished runs (e.g. to redo one disturbed by load).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -65,26 +68,37 @@ def accounting(recipe: Path, overrides: list[str]) -> tuple[float, int]:
     return flops.mor_flops_per_token(m, mor, T), params + flops.mor_router_params(m, mor)
 
 
-def run(name: str, recipe: Path, overrides: list[str], steps: int, out: Path) -> dict:
-    args = [
-        *overrides,
-        f"--train.max_steps={steps}",
-        f"--train.out_dir={out}",
-        "--train.resume=never",
-        f"--train.save_interval={steps}",
-        f"--train.eval_interval={steps}",
-        "--train.log_interval=25",
-    ]
-    stoker("train", str(recipe), *args)
-    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+def logged(out: Path) -> list[dict]:
+    path = out / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+
+
+def run(name: str, recipe: Path, overrides: list[str], steps: int, out: Path, reuse: bool) -> dict:
+    """Train (unless `reuse` finds this run finished), evaluate, and summarize one model.
+    tokens/s is the median over the logged 25-step windows: robust to bursts of other load."""
+    done = [r for r in logged(out) if r.get("event") == "summary" and r["steps"] == steps]
+    if not (reuse and done):
+        shutil.rmtree(out, ignore_errors=True)
+        args = [
+            *overrides,
+            f"--train.max_steps={steps}",
+            f"--train.out_dir={out}",
+            "--train.resume=never",
+            f"--train.save_interval={steps}",
+            f"--train.eval_interval={steps}",
+            "--train.log_interval=25",
+        ]
+        stoker("train", str(recipe), *args)
+    rows = logged(out)
     summary = next(r for r in rows if r.get("event") == "summary")
+    windows = [r["tokens_per_second"] for r in rows if "step" in r and "tokens_per_second" in r]
     ev = json.loads(stoker("eval", str(out), "--batches", "20", "--json"))
     routing = ev.get("routing", {})
     return {
         "name": name,
         "steps": steps,
         "tokens": summary["tokens"],
-        "tok_s": summary["tokens_per_second"],
+        "tok_s": statistics.median(windows),
         "val": ev["loss"],
         "val_threshold": routing.get("loss_threshold"),
         "depth_agree": routing.get("depth_agreement"),
@@ -95,6 +109,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--vanilla-steps", type=int, default=300)
     ap.add_argument("--out-root", type=Path, default=ROOT / "runs" / "mor-experiment")
+    ap.add_argument("--reuse", action="store_true", help="keep finished runs, redo the rest")
     args = ap.parse_args()
     args.out_root.mkdir(parents=True, exist_ok=True)
     plain = vanilla_recipe(args.out_root)
@@ -110,7 +125,7 @@ def main() -> None:
         steps = round(budget / (acc[n][0] * tokens_per_step))
         out = args.out_root / n.split(" (")[0].replace(" ", "-").lower()
         print(f"{n}: {steps} steps ({acc[n][0] / 1e6:.2f} MFLOPs/token)", flush=True)
-        rows.append(run(n, recipe, over, steps, out))
+        rows.append(run(n, recipe, over, steps, out, args.reuse))
     print(
         f"\nbudget {budget:.3g} training FLOPs (PaLM convention), {tokens_per_step} tokens/step\n"
     )

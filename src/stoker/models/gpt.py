@@ -219,17 +219,17 @@ class Decoder(nn.Module):
         if self.embed_positions is not None:
             x, rope = self.embed(input_ids, torch.arange(start, start + T, device=input_ids.device))
         else:  # slices of cached tables: a decoding step costs no table recomputation
-            x, rope = self.drop(self.embed_tokens(input_ids)), self._rope_range(start, start + T)
+            x = self.drop(self.embed_tokens(input_ids))  # (B, T, C)
+            rope = self._rope_range(start, start + T, input_ids.device)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, cache.layer(i) if cache is not None else None)  # (B, T, C)
         if cache is not None:
             cache.length += T
         return self.lm_head(self.norm(x))  # (B, T, V)
 
-    def _rope_range(self, start: int, end: int) -> Rope:
+    def _rope_range(self, start: int, end: int, device: torch.device) -> Rope:
         """RoPE tables for positions start..end-1, equal to `rope_tables(arange(start, end))`:
         slices of tables computed once per device for max(end, max_seq_len) positions."""
-        device = self.embed_tokens.weight.device
         if (self._rope_cache is None or self._rope_cache[0].device != device
                 or self._rope_cache[0].shape[0] < end):
             n = max(end, self.config.max_seq_len)

@@ -40,6 +40,7 @@ from stoker.models.mor_routing import (
     KVRecorder,
     MoRCache,
     RowCache,
+    RowLayerCache,
     balance_loss,
     capacity,
     compact,
@@ -79,7 +80,7 @@ class _Pass:
     threshold: bool
     kv0: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
-    def cache(self, j: int):
+    def cache(self, j: int) -> RowLayerCache | None:
         return self.row.layer(j) if self.row is not None else None
 
 
@@ -190,7 +191,7 @@ class MoRDecoder(Decoder):
         if idx.shape[1] == 0:
             return h
         x = gather_tokens(h, idx)  # (B, n, C)
-        y = self._apply_recursion(r, x, gather_rope(p.rope, idx), p.pos[idx], p)
+        y = self._apply_recursion(r, x, gather_rope(p.rope, idx), p.pos[idx], p)  # (B, n, C)
         new = torch.where(valid[..., None], combine(x, y, idx), x)  # padding keeps its value
         return h.scatter(1, idx[..., None].expand(-1, -1, C), new)  # (B, T, C)
 

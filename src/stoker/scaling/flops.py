@@ -181,11 +181,16 @@ def forward_flops(cfg: ModelConfig, seq_len: int, causal: bool = True) -> dict[s
     }
 
 
-def flops_per_token(cfg: ModelConfig, seq_len: int, convention: str = "palm") -> float:
-    """Training (forward + backward) FLOPs per token under a named convention (`CONVENTIONS`).
+def flops_per_token(
+    cfg: ModelConfig, seq_len: int, convention: str = "palm", mor: MoRConfig | None = None
+) -> float:
+    """Training (forward + backward) FLOPs per token under a named convention (`CONVENTIONS`;
+    `MOR_CONVENTIONS` with `mor`, see `mor_flops_per_token`).
 
     The default is PaLM's 6N + 12·L·H·Q·T with N = all parameters, the figure stoker's MFU uses.
     """
+    if mor is not None:
+        return mor_flops_per_token(cfg, mor, seq_len, convention)
     if convention not in CONVENTIONS:
         raise StokerError(
             f"unknown FLOPs convention {convention!r}; known: {', '.join(CONVENTIONS)}"
@@ -286,6 +291,22 @@ def mor_flops_per_token(
         n_applied += block * c * (p.layer - (kv if shared else 0))
         attention += block * (c if shared else c * c)
     return 6.0 * n_applied + 12.0 * cfg.n_head * cfg.dim_head * seq_len * attention
+
+
+def mor_summary(cfg: ModelConfig, mor: MoRConfig, seq_len: int) -> dict:
+    """A MoR model's sharing, router, tokens per recursion and ratios to the vanilla decoder
+    of `cfg` (what `stoker count` adds for a recipe with a `mor` section)."""
+    return {
+        **mor.model_dump(include={"recursions", "sharing", "router", "kv_cache"}),
+        "unique_layers": unique_layers(cfg.n_layer, mor.recursions, mor.sharing),
+        "router_params": mor_router_params(cfg, mor),
+        "tokens_per_recursion": mor_token_counts(mor, seq_len),
+        "vanilla_params_non_embedding": count_params(cfg).non_embedding,
+        "flops_ratio_to_vanilla": {
+            c: mor_flops_per_token(cfg, mor, seq_len, c) / flops_per_token(cfg, seq_len, c)
+            for c in MOR_CONVENTIONS
+        },
+    }
 
 
 # ---------------------------------------------------------------------------------- memory

@@ -135,17 +135,15 @@ def count_result(cfg: RecipeConfig, label: str, args: argparse.Namespace) -> dic
     m = cfg.model
     T, mb, precision = _shape(cfg, args)
     mor = cfg.mor
-    p = flops.count_params(m) if mor is None else flops.count_params_shared(m, mor.recursions,
-                                                                            mor.sharing)
+    shared = mor and flops.count_params_shared(m, mor.recursions, mor.sharing)
+    p = shared or flops.count_params(m)
     routers = 0 if mor is None else flops.mor_router_params(m, mor)
     memory = {
         s: flops.estimate_memory(m, s, args.num_gpus, mb, T, precision, mor)
         for s in flops.STRATEGIES
     }
-    if mor is None:
-        per_token = {c: flops.flops_per_token(m, T, c) for c in flops.CONVENTIONS}
-    else:
-        per_token = {c: flops.mor_flops_per_token(m, mor, T, c) for c in flops.MOR_CONVENTIONS}
+    names = flops.CONVENTIONS if mor is None else flops.MOR_CONVENTIONS
+    per_token = {c: flops.flops_per_token(m, T, c, mor) for c in names}
     return {
         "model": label,
         "arch": m.arch,
@@ -166,30 +164,14 @@ def count_result(cfg: RecipeConfig, label: str, args: argparse.Namespace) -> dic
         },
         "seq_len": T,
         "flops_per_token": per_token,
-        "flops_conventions": flops.CONVENTIONS if mor is None else flops.MOR_CONVENTIONS,
-        "mor": None if mor is None else _mor_json(m, mor, T, routers),
+        "flops_conventions": names,
+        "mor": None if mor is None else flops.mor_summary(m, mor, T),
         "memory": {
             "micro_batch_size": mb,
             "num_gpus": args.num_gpus,
             "precision": precision,
             "unit": "bytes per GPU",
             "per_strategy": {s: _memory_json(e) for s, e in memory.items()},
-        },
-    }
-
-
-def _mor_json(m: ModelConfig, mor, T: int, routers: int) -> dict:
-    """A MoR recipe's sharing, capacities and its ratios to the vanilla decoder of `m`."""
-    vanilla = flops.count_params(m)
-    return {
-        **mor.model_dump(include={"recursions", "sharing", "router", "kv_cache"}),
-        "unique_layers": flops.unique_layers(m.n_layer, mor.recursions, mor.sharing),
-        "router_params": routers,
-        "tokens_per_recursion": flops.mor_token_counts(mor, T),
-        "vanilla_params_non_embedding": vanilla.non_embedding,
-        "flops_ratio_to_vanilla": {
-            c: flops.mor_flops_per_token(m, mor, T, c) / flops.flops_per_token(m, T, c)
-            for c in flops.MOR_CONVENTIONS
         },
     }
 
@@ -222,15 +204,13 @@ def _print_count(r: dict, m: ModelConfig) -> None:
         rows.append(("routers", r["mor"]["router_params"], r["mor"]["router"]))
     for name, value, note in rows:
         print(f"  {name:<14}{value:>15,}  {note}")
-    if r.get("mor"):
-        mo = r["mor"]
+    if mo := r.get("mor"):
         ratio = ", ".join(f"{c} {v:.3f}" for c, v in mo["flops_ratio_to_vanilla"].items())
         print(
-            f"Mixture-of-Recursions: R={mo['recursions']} {mo['sharing']}, router "
-            f"{mo['router']}, KV cache {mo['kv_cache']}; tokens per recursion at T = "
-            f"{r['seq_len']}: {mo['tokens_per_recursion']}\n  non-embedding "
-            f"{r['params_non_embedding'] / 1e6:.2f}M vs vanilla "
-            f"{mo['vanilla_params_non_embedding'] / 1e6:.2f}M; FLOPs/token vs vanilla: {ratio}"
+            f"Mixture-of-Recursions: R={mo['recursions']} {mo['sharing']}, router {mo['router']}, "
+            f"KV cache {mo['kv_cache']}; tokens per recursion at T = {r['seq_len']}: "
+            f"{mo['tokens_per_recursion']}\n  non-embedding {r['params_non_embedding'] / 1e6:.2f}M "
+            f"vs vanilla {mo['vanilla_params_non_embedding'] / 1e6:.2f}M; FLOPs/token: {ratio}"
         )
     print(f"training FLOPs per token at T = {r['seq_len']} (forward + backward)")
     for c, v in r["flops_per_token"].items():

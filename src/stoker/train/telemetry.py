@@ -56,11 +56,10 @@ class Throughput:
     """Tokens/s, data-wait fraction and MFU over the steps since the last report."""
 
     def __init__(self, cfg: RecipeConfig, seq_len: int, info, precision: str):
-        from stoker.scaling.flops import flops_per_token, mor_flops_per_token
+        from stoker.scaling.flops import flops_per_token
 
-        mor = getattr(cfg, "mor", None)  # MoR: capacity-aware FLOPs of the applied layers
-        self.flops_per_token = (flops_per_token(cfg.model, seq_len) if mor is None
-                                else mor_flops_per_token(cfg.model, mor, seq_len))
+        # with a MoR section: capacity-aware FLOPs of the applied layers
+        self.flops_per_token = flops_per_token(cfg.model, seq_len, mor=getattr(cfg, "mor", None))
         self.peak, self.basis = peak_for(info.device, precision)
         self.world = info.world
         self.t_start = time.perf_counter()
