@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
               "exact params, FLOPs/token and memory of a recipe or preset"),
     "plan": ("stoker.scaling.report:plan_command",
              "scaling-law loss, compute-optimal N/D, time and cost on named GPUs"),
+    "monitor": ("stoker.monitor.commands:monitor_command",
+                "live CPU/RAM/GPU readings plus CUDA, bf16, NCCL/gloo checks and advice"),
+    "plot": ("stoker.monitor.plot:plot_command",
+             "PNG of runs' loss, lr, tokens/s, MFU, memory and system utilization"),
 }
 RECIPE_COMMANDS = {"train", "prepare"}
 
@@ -83,6 +87,14 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         from stoker.scaling.report import add_arguments
 
         add_arguments(name, p)
+    elif name == "monitor":
+        from stoker.monitor.commands import add_arguments as add_monitor_arguments
+
+        add_monitor_arguments(p)
+    elif name == "plot":
+        from stoker.monitor.plot import add_arguments as add_plot_arguments
+
+        add_plot_arguments(p)
 
 
 def build_parser(selected: str | None = None) -> Parser:

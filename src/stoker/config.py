@@ -197,6 +197,7 @@ class TrainConfig(Section):
     nan_policy: Literal["stop", "skip"] = "stop"
     early_stopping_metric: str | None = None
     early_stopping_patience: int = 3
+    monitor_interval: float = 5.0  # seconds between system samples (system.jsonl); 0 = off
 
 
 class OptimConfig(Section):

@@ -22,6 +22,8 @@ from stoker.api import build_model
 from stoker.config import RecipeConfig, dump_config
 from stoker.errors import StokerError
 from stoker.models.gpt import lm_loss
+from stoker.monitor.advice import advise, print_advice, signals_for_run
+from stoker.monitor.system import start_monitor
 from stoker.train import distributed as D
 from stoker.train.optim import build_optimizer, lr_at
 from stoker.train.state import (
@@ -154,13 +156,16 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     meter = Throughput(cfg, seq_len, info, precision)
     bar = progress_bar(step, t.max_steps, info.is_main)
     stopped, last_val, loss_mean = None, None, None
+    if info.is_main:  # config-level advice (nothing measured yet)
+        print_advice(advise(signals_for_run(cfg, info.device, precision, info.world)))
 
     def save(step: int) -> None:
         save_training_state(out, step, model, opt, cfg, info, train_data,
                             {"best_val": best_val, "bad_evals": bad_evals}, cfg.data.dir)
 
     model.train()
-    with StopFlag() as flag:
+    with StopFlag() as flag, start_monitor(out, t.monitor_interval, info.is_main,
+                                          info.device.index or 0) as monitor:
         while step < t.max_steps:
             lr = lr_at(step, t.max_steps, cfg.optim)
             for group in opt.param_groups:
@@ -196,6 +201,7 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             step += 1
             meter.end_step(t.batch_size * seq_len)
+            monitor.step = step
 
             if step % t.log_interval == 0 or step == t.max_steps:
                 extra = telemetry() if telemetry else {}  # the model's own, e.g. MoR routing
@@ -203,7 +209,7 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
                        "grad_norm": float(grad_norm), **meter.report(), **memory_gb(info), **extra}
                 tracker.log(row)
                 bar.set_postfix_str(meter.postfix(row) + "".join(f" {k} {v:.3g}" for k, v in
-                                                                extra.items()), refresh=False)
+                                        extra.items()) + monitor.postfix(row), refresh=False)
             bar.update(1)
 
             if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
@@ -227,6 +233,10 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     bar.close()
     summary = {**meter.summary(step), "final_loss": float(loss_mean) if loss_mean is not None else None,
                "final_val_loss": last_val, "stopped": stopped, "out_dir": str(out)}
+    summary["advice"] = advise(signals_for_run(cfg, info.device, precision, info.world, {
+        "data_wait": monitor.data_wait, "tokens_per_second": summary["tokens_per_second"]}))
+    if info.is_main:
+        print_advice(summary["advice"])
     tracker.summary(summary)
     tracker.close()
     if info.is_main:

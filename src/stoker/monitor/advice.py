@@ -1,0 +1,212 @@
+"""Advice: pure rules over measured signals, each naming the config change to make.
+
+`advise(Signals(...))` returns a list of strings. Config-level rules (precision, compile) need
+only the config and the device; measured rules (data wait, memory) fire only when their
+measurement is present, so the same call serves the start of a run (nothing measured yet)
+and its summary. `signals_for_run` collects the signals from a run; everything else here is
+a pure function, tested with synthetic telemetry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+# thresholds, in one place
+DATA_BOUND = 0.10  # data wait above this share of step time
+HEADROOM = 0.50  # accelerator memory use below this share: room for a bigger micro-batch
+NEAR_OOM = 0.90  # above this share: one unlucky batch from OOM
+LONG_RUN = 1000  # optimizer steps for which torch.compile's warm-up pays off
+SLOW_TOKENIZE = 0.5  # tokenization slower than this share of training throughput
+
+
+@dataclass
+class Signals:
+    """What the rules look at; None = not measured."""
+
+    device_type: str = "cpu"
+    precision: str = "fp32"  # resolved (never "auto")
+    bf16_supported: bool = False
+    compile: bool = False
+    max_steps: int = 0
+    batch_size: int = 8
+    micro_batch_size: int = 8
+    world: int = 1
+    strategy: str = "ddp"
+    activation_checkpointing: bool = False
+    num_workers: int = 0
+    data_wait: float | None = None  # fraction of step time spent waiting for data
+    mem_used_gb: float | None = None  # peak accelerator memory of the run
+    mem_total_gb: float | None = None
+    tokens_per_second: float | None = None  # training throughput (all processes)
+    tokenize_tokens_per_second: float | None = None
+
+
+def data_bound(s: Signals) -> str | None:
+    if s.data_wait is None or s.data_wait <= DATA_BOUND:
+        return None
+    return (
+        f"data-bound: {100 * s.data_wait:.0f}% of step time waits for data; raise "
+        f"data.num_workers (now {s.num_workers}), pin memory and prefetch batches, or put "
+        "the token shards on a faster disk"
+    )
+
+
+def _mem_fraction(s: Signals) -> float | None:
+    if s.device_type != "cuda" or not s.mem_used_gb or not s.mem_total_gb:
+        return None
+    return s.mem_used_gb / s.mem_total_gb
+
+
+def memory_headroom(s: Signals) -> str | None:
+    frac = _mem_fraction(s)
+    if frac is None or frac >= HEADROOM:
+        return None
+    per_process = s.batch_size // max(1, s.world)
+    bigger = s.micro_batch_size * 2
+    if bigger <= per_process:
+        change = f"train.micro_batch_size={bigger} (fewer accumulation steps, same batch)"
+    else:
+        change = f"train.micro_batch_size={bigger} with train.batch_size={bigger * s.world} or more"
+    return (
+        f"memory headroom: peak {s.mem_used_gb:.1f}/{s.mem_total_gb:.1f} GB "
+        f"({100 * frac:.0f}%); try {change}"
+    )
+
+
+def near_oom(s: Signals) -> str | None:
+    frac = _mem_fraction(s)
+    if frac is None or frac <= NEAR_OOM:
+        return None
+    changes = []
+    if not s.activation_checkpointing:
+        changes.append("train.activation_checkpointing=true")
+    if s.micro_batch_size > 1:
+        changes.append(f"train.micro_batch_size={max(1, s.micro_batch_size // 2)}")
+    if s.world > 1 and s.strategy == "ddp":
+        changes.append("dist.strategy=zero1 (optimizer state sharded) or dist.strategy=fsdp2")
+    if not changes:
+        changes.append("a smaller model or train.seq_len")
+    return (
+        f"near OOM: peak {s.mem_used_gb:.1f}/{s.mem_total_gb:.1f} GB "
+        f"({100 * frac:.0f}%); use " + ", ".join(changes)
+    )
+
+
+def fp32_on_bf16_device(s: Signals) -> str | None:
+    if s.precision != "fp32" or not s.bf16_supported or s.device_type != "cuda":
+        return None
+    return (
+        "fp32 on a bf16-capable GPU: train.precision=bf16 (or auto) is typically 2× faster "
+        "and halves activation memory"
+    )
+
+
+def compile_off_long_run(s: Signals) -> str | None:
+    if s.compile or s.device_type != "cuda" or s.max_steps < LONG_RUN:
+        return None
+    return (
+        f"torch.compile is off for a {s.max_steps}-step CUDA run: train.compile=true "
+        "usually pays back its warm-up within a few hundred steps"
+    )
+
+
+def slow_tokenization(s: Signals) -> str | None:
+    if not s.tokenize_tokens_per_second or not s.tokens_per_second:
+        return None
+    if s.tokenize_tokens_per_second >= SLOW_TOKENIZE * s.tokens_per_second:
+        return None
+    return (
+        f"tokenization ({s.tokenize_tokens_per_second:,.0f} tok/s) is slower than training "
+        f"({s.tokens_per_second:,.0f} tok/s): run `stoker prepare` once ahead of training "
+        "and reuse data.dir, or raise data.num_workers"
+    )
+
+
+RULES = (
+    data_bound,
+    memory_headroom,
+    near_oom,
+    fp32_on_bf16_device,
+    compile_off_long_run,
+    slow_tokenization,
+)
+
+
+def advise(s: Signals) -> list[str]:
+    """Every rule's advice for `s`, in rule order."""
+    return [msg for rule in RULES if (msg := rule(s)) is not None]
+
+
+def signals_for_run(
+    cfg, device, precision: str, world: int, measured: dict[str, Any] | None = None
+) -> Signals:
+    """Signals from a recipe config and its device; `measured` adds `data_wait`,
+    `tokens_per_second`, `mem_used_gb` … (keys of `Signals`)."""
+    import torch
+
+    t = cfg.train
+    bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    s = Signals(
+        device_type=device.type,
+        precision=precision,
+        bf16_supported=bf16,
+        compile=t.compile,
+        max_steps=t.max_steps,
+        batch_size=t.batch_size,
+        micro_batch_size=t.micro_batch_size,
+        world=world,
+        strategy=cfg.dist.strategy,
+        activation_checkpointing=t.activation_checkpointing,
+        num_workers=cfg.data.num_workers,
+    )
+    for key, value in (measured or {}).items():
+        if value is not None and hasattr(s, key):
+            setattr(s, key, value)
+    if device.type == "cuda" and s.mem_used_gb is None and torch.cuda.is_initialized():
+        s.mem_used_gb = torch.cuda.max_memory_reserved(device) / 1e9
+        s.mem_total_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
+    return s
+
+
+def print_advice(lines: list[str]) -> None:
+    for line in lines:
+        print(f"stoker: advice: {line}", flush=True)
+
+
+def check_advice(checks: dict[str, Any]) -> list[str]:
+    """Advice from `stoker monitor`'s environment checks (see monitor/commands.py)."""
+    out = []
+    if not checks.get("cuda_available"):
+        build = (
+            f"torch built with CUDA {checks['torch_cuda']}"
+            if checks.get("torch_cuda")
+            else "a CPU-only torch build: install a CUDA wheel of torch for GPUs"
+        )
+        out.append(
+            f"no CUDA GPU visible ({build}): training runs on the CPU; check the "
+            "driver and CUDA_VISIBLE_DEVICES"
+        )
+    for d in checks.get("gpus", []):
+        if not d.get("bf16"):
+            out.append(
+                f"GPU {d['index']} ({d['name']}) lacks bf16: train.precision=auto uses "
+                "fp16 with a GradScaler"
+            )
+        if d.get("total_gb") and d.get("free_gb", 0) < 0.1 * d["total_gb"]:
+            out.append(
+                f"GPU {d['index']} has only {d['free_gb']:.1f}/{d['total_gb']:.1f} GB "
+                "free: another process holds its memory"
+            )
+    if checks.get("cuda_available") and not checks.get("nccl_available"):
+        out.append("NCCL is unavailable: multi-GPU runs need dist.backend=gloo (much slower)")
+    if not checks.get("gloo_available"):
+        out.append("gloo is unavailable: CPU multi-process runs (and their tests) cannot start")
+    if checks.get("cuda_available") and not checks.get("nvml_available"):
+        out.append(
+            "pip install nvidia-ml-py (or 'stoker[monitor]') for GPU utilization, "
+            "power and temperature"
+        )
+    if not checks.get("psutil_available"):
+        out.append("pip install psutil (or 'stoker[monitor]') for CPU and RAM readings")
+    return out

@@ -1,0 +1,224 @@
+"""System sampling: CPU, RAM, process RSS and NVIDIA GPUs, read by a background thread.
+
+`sample_system()` takes one reading. psutil gives CPU/RAM/RSS; NVML (`pynvml`, package
+nvidia-ml-py) gives each GPU's memory, utilization, power and temperature; `torch.cuda` gives
+the caching allocator's view of this process. Each source is optional: a missing package or
+a failing call leaves its fields out, never raises. `SystemSampler` runs `sample_system` every
+`interval` seconds on a daemon thread and appends the rows to `out_dir/system.jsonl`, so the
+training loop only reads the latest sample (an attribute) and never waits on a sensor.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+_NVML: dict[str, Any] = {}  # {"mod": pynvml or None}, initialised once per process
+
+
+def _nvml():
+    """The initialised pynvml module, or None (not installed, no driver, no GPU)."""
+    if "mod" not in _NVML:
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            _NVML["mod"] = pynvml
+        except Exception:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded
+            _NVML["mod"] = None
+    return _NVML["mod"]
+
+
+def _try(fn, *args, default=None):
+    try:
+        return fn(*args)
+    except Exception:
+        return default
+
+
+def host_stats(cpu_interval: float | None = None) -> dict[str, Any]:
+    """CPU %, RAM % / GB and this process's RSS. `cpu_interval=None` measures CPU since the
+    previous call (non-blocking); a number blocks that long for a fresh reading."""
+    try:
+        import psutil
+    except ImportError:
+        return {}
+    vm = psutil.virtual_memory()
+    return {
+        "cpu_percent": psutil.cpu_percent(interval=cpu_interval),
+        "cpu_count": psutil.cpu_count(),
+        "ram_percent": vm.percent,
+        "ram_used_gb": (vm.total - vm.available) / 1e9,
+        "ram_total_gb": vm.total / 1e9,
+        "process_rss_gb": psutil.Process(os.getpid()).memory_info().rss / 1e9,
+    }
+
+
+def nvml_stats() -> list[dict[str, Any]]:
+    """One dict per NVIDIA GPU (NVML indices): memory, utilization, power, temperature."""
+    nv = _nvml()
+    if nv is None:
+        return []
+    gpus = []
+    for i in range(_try(nv.nvmlDeviceGetCount, default=0)):
+        h = _try(nv.nvmlDeviceGetHandleByIndex, i)
+        if h is None:
+            continue
+        g: dict[str, Any] = {"index": i, "name": _try(nv.nvmlDeviceGetName, h)}
+        if isinstance(g["name"], bytes):
+            g["name"] = g["name"].decode()
+        mem = _try(nv.nvmlDeviceGetMemoryInfo, h)
+        if mem is not None:
+            g["mem_used_gb"], g["mem_total_gb"] = mem.used / 1e9, mem.total / 1e9
+        util = _try(nv.nvmlDeviceGetUtilizationRates, h)
+        if util is not None:
+            g["util_percent"] = float(util.gpu)
+        power = _try(nv.nvmlDeviceGetPowerUsage, h)  # milliwatts
+        if power is not None:
+            g["power_w"] = power / 1000
+        temp = _try(nv.nvmlDeviceGetTemperature, h, 0)  # 0 = NVML_TEMPERATURE_GPU
+        if temp is not None:
+            g["temperature_c"] = float(temp)
+        gpus.append(g)
+    return gpus
+
+
+def torch_cuda_stats() -> dict[str, float]:
+    """This process's CUDA allocator stats, only if CUDA is already initialised (a sampler
+    thread must not be the one to create a CUDA context)."""
+    import torch
+
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return {}
+    return {
+        "torch_allocated_gb": torch.cuda.memory_allocated() / 1e9,
+        "torch_reserved_gb": torch.cuda.memory_reserved() / 1e9,
+        "torch_max_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
+    }
+
+
+def sample_system(cpu_interval: float | None = None) -> dict[str, Any]:
+    """One reading of every available source, with a wall-clock `time`."""
+    row: dict[str, Any] = {"time": time.time(), **host_stats(cpu_interval)}
+    gpus = nvml_stats()
+    if gpus:
+        row["gpus"] = gpus
+    row.update(torch_cuda_stats())
+    return row
+
+
+def summary_line(
+    sample: dict[str, Any] | None, data_wait: float | None = None, gpu_index: int = 0
+) -> str:
+    """`GPU 8.2/16.0GB 51% | util 85% | CPU 45% | RAM 67% | data 3%`; parts whose source is
+    missing (no GPU, no psutil, no sample yet) are left out."""
+    parts: list[str] = []
+    sample = sample or {}
+    gpus = sample.get("gpus") or []
+    gpu = next((g for g in gpus if g.get("index") == gpu_index), gpus[0] if gpus else None)
+    if gpu and "mem_total_gb" in gpu:
+        used, total = gpu["mem_used_gb"], gpu["mem_total_gb"]
+        parts.append(f"GPU {used:.1f}/{total:.1f}GB {100 * used / total:.0f}%")
+    if gpu and "util_percent" in gpu:
+        parts.append(f"util {gpu['util_percent']:.0f}%")
+    if "cpu_percent" in sample:
+        parts.append(f"CPU {sample['cpu_percent']:.0f}%")
+    if "ram_percent" in sample:
+        parts.append(f"RAM {sample['ram_percent']:.0f}%")
+    if data_wait is not None:
+        parts.append(f"data {100 * data_wait:.0f}%")
+    return " | ".join(parts)
+
+
+class NullMonitor:
+    """The monitor when it is off (or on ranks other than 0): keeps the data-wait average
+    the advice needs, samples nothing."""
+
+    latest: dict[str, Any] | None = None
+    step: int | None = None
+
+    def __init__(self) -> None:
+        self._wait_sum, self._wait_n = 0.0, 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        pass
+
+    @property
+    def data_wait(self) -> float | None:
+        """Mean data-wait fraction over the rows seen so far."""
+        return self._wait_sum / self._wait_n if self._wait_n else None
+
+    def observe(self, row: dict[str, Any]) -> None:
+        self.step = row.get("step", self.step)
+        if row.get("data_wait") is not None:
+            self._wait_sum += row["data_wait"]
+            self._wait_n += 1
+
+    def postfix(self, row: dict[str, Any]) -> str:
+        """Record a logged row; the text to append to the progress bar."""
+        self.observe(row)
+        return ""
+
+
+class SystemSampler(NullMonitor):
+    """Samples the system every `interval` s on a daemon thread into `path` (JSON lines).
+
+    `latest` is the most recent sample (replaced atomically, so reading it is free);
+    `step` is stamped on each row when the loop sets it.
+    """
+
+    def __init__(self, path: str | Path | None, interval: float = 5.0, gpu_index: int = 0):
+        super().__init__()
+        self.path, self.interval, self.gpu_index = path, interval, gpu_index
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="stoker-monitor", daemon=True)
+
+    def start(self) -> SystemSampler:
+        host_stats()  # prime psutil's CPU counter; the first row comes after one interval
+        self._thread.start()
+        return self
+
+    def _sample(self) -> dict[str, Any]:
+        row = {**sample_system(), "step": self.step}
+        if self.data_wait is not None:
+            row["data_wait"] = self.data_wait
+        if self.path is not None:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        return row
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.latest = self._sample()
+
+    def stop(self) -> None:
+        """Stop the thread and write a final sample."""
+        if self._thread.is_alive():
+            self._stop.set()
+            self._thread.join()
+            self.latest = self._sample()
+
+    def postfix(self, row: dict[str, Any]) -> str:
+        self.observe(row)
+        line = summary_line(self.latest, row.get("data_wait"), self.gpu_index)
+        return f" | {line}" if line else ""
+
+
+def start_monitor(
+    out_dir: str | Path, interval: float, enabled: bool = True, gpu_index: int = 0
+) -> NullMonitor:
+    """A started `SystemSampler` writing `out_dir/system.jsonl`, or a `NullMonitor` when
+    `interval` is 0 or `enabled` is false (ranks other than 0)."""
+    if not enabled or interval <= 0:
+        return NullMonitor()
+    return SystemSampler(Path(out_dir) / "system.jsonl", interval, gpu_index).start()

@@ -1,0 +1,49 @@
+"""The monitor inside the training loop: system.jsonl, advice in the summary, off switch,
+and `stoker plot` of a real tiny run."""
+
+import json
+
+import pytest
+
+from stoker.config import load_config
+from stoker.monitor.plot import plot_runs
+from stoker.train.loop import train
+
+
+def test_tiny_run_writes_system_rows_and_advice(make_args, tmp_path):
+    out = tmp_path / "run"
+    summary = train(
+        load_config(
+            None, make_args("--train.max_steps=6", "--train.monitor_interval=0.05", out=out)
+        )
+    )
+    rows = [json.loads(x) for x in (out / "system.jsonl").read_text().splitlines()]
+    assert len(rows) >= 2  # interval samples plus the final one at stop
+    assert all(0 <= r["cpu_percent"] <= 100 and r["ram_total_gb"] > 0 for r in rows)
+    assert rows[-1]["step"] == 6
+    assert isinstance(summary["advice"], list)
+    saved = json.loads((out / "summary.json").read_text())
+    assert saved["advice"] == summary["advice"]
+
+    pytest.importorskip("matplotlib")
+    fig = plot_runs([out])
+    loss_line = fig.get_axes()[0].get_lines()[0]
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert list(loss_line.get_ydata()) == [r["loss"] for r in metrics if "loss" in r]
+    assert fig.get_axes()[5].get_lines()  # system utilization from system.jsonl
+
+
+def test_monitor_interval_zero_writes_no_system_file(make_args, tmp_path):
+    out = tmp_path / "run"
+    train(
+        load_config(
+            None,
+            make_args(
+                "--train.max_steps=2",
+                "--train.eval_interval=0",
+                "--train.monitor_interval=0",
+                out=out,
+            ),
+        )
+    )
+    assert not (out / "system.jsonl").exists()

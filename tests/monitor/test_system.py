@@ -1,0 +1,87 @@
+"""The system sampler: readings, graceful degradation, the thread and the summary line."""
+
+import json
+import sys
+import time
+
+from stoker.monitor.system import (
+    NullMonitor,
+    SystemSampler,
+    host_stats,
+    nvml_stats,
+    sample_system,
+    start_monitor,
+    summary_line,
+)
+
+
+def test_sample_has_plausible_cpu_and_ram_readings():
+    s = sample_system(cpu_interval=0.05)
+    assert abs(s["time"] - time.time()) < 60
+    assert 0 <= s["cpu_percent"] <= 100
+    assert 0 < s["ram_percent"] <= 100 and s["ram_total_gb"] > 0
+    assert 0 < s["process_rss_gb"] < s["ram_total_gb"]
+
+
+def test_without_psutil_the_sample_keeps_only_what_it_has(monkeypatch):
+    monkeypatch.setitem(sys.modules, "psutil", None)  # `import psutil` raises ImportError
+    assert host_stats() == {}
+    s = sample_system()
+    assert "time" in s and "cpu_percent" not in s
+    assert summary_line(s, data_wait=0.03) == "data 3%"
+
+
+def test_without_nvml_or_gpu_there_are_no_gpu_fields():
+    try:
+        import pynvml  # noqa: F401
+    except ImportError:
+        assert nvml_stats() == []
+        assert "gpus" not in sample_system()
+
+
+def test_summary_line_with_a_gpu_and_on_a_cpu_machine():
+    gpu = {
+        "gpus": [{"index": 0, "mem_used_gb": 8.2, "mem_total_gb": 16.0, "util_percent": 85.0}],
+        "cpu_percent": 45.2,
+        "ram_percent": 67.0,
+    }
+    assert (
+        summary_line(gpu, data_wait=0.031)
+        == "GPU 8.2/16.0GB 51% | util 85% | CPU 45% | RAM 67% | data 3%"
+    )
+    cpu = {"cpu_percent": 45.2, "ram_percent": 67.0}
+    assert summary_line(cpu) == "CPU 45% | RAM 67%"
+    assert summary_line(None) == ""
+
+
+def test_sampler_thread_writes_rows_with_step_and_stops(tmp_path):
+    path = tmp_path / "system.jsonl"
+    with SystemSampler(path, interval=0.02).start() as mon:
+        mon.step = 7
+        mon.postfix({"step": 7, "data_wait": 0.2})
+        time.sleep(0.2)
+    assert not mon._thread.is_alive()
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert len(rows) >= 3
+    assert all("time" in r and "cpu_percent" in r for r in rows)
+    assert rows[-1]["step"] == 7 and rows[-1]["data_wait"] == 0.2
+    n = len(rows)
+    time.sleep(0.1)
+    assert len(path.read_text().splitlines()) == n  # nothing written after stop
+
+
+def test_postfix_reads_the_latest_sample_and_averages_data_wait(tmp_path):
+    mon = SystemSampler(tmp_path / "s.jsonl", interval=0.01).start()
+    time.sleep(0.1)  # at least one sample taken
+    text = mon.postfix({"step": 1, "data_wait": 0.1})
+    mon.postfix({"step": 2, "data_wait": 0.3})
+    mon.stop()
+    assert text.startswith(" | CPU ") and text.endswith("data 10%")
+    assert abs(mon.data_wait - 0.2) < 1e-12
+
+
+def test_monitor_off_or_other_ranks_sample_nothing(tmp_path):
+    for mon in (start_monitor(tmp_path, 0.0), start_monitor(tmp_path, 5.0, enabled=False)):
+        assert isinstance(mon, NullMonitor) and not isinstance(mon, SystemSampler)
+        assert mon.postfix({"step": 1, "data_wait": 0.5}) == "" and mon.data_wait == 0.5
+    assert not (tmp_path / "system.jsonl").exists()
