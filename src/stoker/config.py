@@ -195,7 +195,7 @@ class TrainConfig(Section):
     keep_last: int = 2
     resume: str = "auto"  # auto | never | PATH
     nan_policy: Literal["stop", "skip"] = "stop"
-    early_stopping_metric: str | None = None
+    early_stopping_metric: Literal["val_loss"] | None = None  # stop when it stops improving
     early_stopping_patience: int = 3
     monitor_interval: float = 5.0  # seconds between system samples (system.jsonl); 0 = off
 

@@ -201,3 +201,25 @@ def test_resume_from_other_architecture(make_args, capsys, tmp_path):
     recipe.write_text("recipe: pretrain\n")
     err = _cli_error(["train", str(recipe), *make_args("--model.n_layer=3")], capsys)
     assert "model.n_layer: checkpoint 2 vs config 3" in err
+
+
+def test_activation_checkpointing_gives_the_same_losses(make_args, tmp_path):
+    train(load_config(None, make_args("--train.max_steps=4", out=tmp_path / "a")))
+    train(load_config(None, make_args("--train.max_steps=4",
+                                      "--train.activation_checkpointing=true",
+                                      out=tmp_path / "b")))
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert a.keys() == b.keys()
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-6)
+
+
+def test_early_stopping_stops_when_val_loss_stops_improving(make_args, tmp_path):
+    # lr 0 after warmup-free start: the model never changes, so val loss never improves
+    summary = train(load_config(None, make_args(
+        "--optim.lr=0", "--optim.warmup_steps=0", "--train.max_steps=12",
+        "--train.eval_interval=2", "--train.early_stopping_metric=val_loss",
+        "--train.early_stopping_patience=2")))
+    assert summary["steps"] == 6  # evals at 2 (best), 4 and 6 (no improvement twice)
+    assert "early stopping" in summary["stopped"]
+    assert list_checkpoints(tmp_path / "run")[-1].name == "step-00000006"
