@@ -28,6 +28,14 @@ def data_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def recipe(tmp_path) -> Path:
+    """A minimal recipe file; the tests pass everything else as overrides."""
+    path = tmp_path / "r.yaml"
+    path.write_text("recipe: pretrain\n")
+    return path
+
+
+@pytest.fixture
 def make_args(tmp_path, data_dir):
     """Override list for a tiny run writing to tmp_path/run (extra overrides appended)."""
 

@@ -73,9 +73,7 @@ def test_resume_from_checkpoint_is_exact_in_process(make_args, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_mid_run_then_resume_is_bitwise_identical(make_args, tmp_path, data_dir):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("recipe: pretrain\n")
+def test_sigterm_mid_run_then_resume_is_bitwise_identical(make_args, tmp_path, data_dir, recipe):
     straight = make_args("--train.max_steps=30", "--train.save_interval=100",
                          out=tmp_path / "straight")
     split = make_args("--train.max_steps=30", "--train.save_interval=100",
@@ -164,41 +162,31 @@ def _cli_error(args, capsys) -> str:
     return err
 
 
-def test_batch_not_divisible(make_args, capsys, tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("recipe: pretrain\n")
+def test_batch_not_divisible(make_args, capsys, tmp_path, recipe):
     err = _cli_error(["train", str(recipe), *make_args("--train.micro_batch_size=3")], capsys)
     assert "not divisible by train.micro_batch_size=3" in err
 
 
-def test_missing_data_source(make_args, capsys, tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("recipe: pretrain\n")
+def test_missing_data_source(make_args, capsys, tmp_path, recipe):
     args = make_args(f"--data.dir={tmp_path / 'fresh'}", f"--data.sources={tmp_path}/none.txt")
     assert "none.txt" in _cli_error(["train", str(recipe), *args], capsys)
 
 
-def test_shards_vocab_exceeds_model(make_args, capsys, tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("recipe: pretrain\n")
+def test_shards_vocab_exceeds_model(make_args, capsys, tmp_path, recipe):
     err = _cli_error(["train", str(recipe), *make_args("--model.vocab_size=100")], capsys)
     assert "vocab" in err
 
 
-def test_unwritable_out_dir(make_args, capsys, tmp_path):
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("recipe: pretrain\n")
+def test_unwritable_out_dir(make_args, capsys, tmp_path, recipe):
     blocker = tmp_path / "file"
     blocker.write_text("")
     err = _cli_error(["train", str(recipe), *make_args(out=blocker / "run")], capsys)
     assert "not writable" in err
 
 
-def test_resume_from_other_architecture(make_args, capsys, tmp_path):
+def test_resume_from_other_architecture(make_args, capsys, tmp_path, recipe):
     train(load_config(None, make_args("--train.max_steps=6")))
     capsys.readouterr()
-    recipe = tmp_path / "r.yaml"
-    recipe.write_text("recipe: pretrain\n")
     err = _cli_error(["train", str(recipe), *make_args("--model.n_layer=3")], capsys)
     assert "model.n_layer: checkpoint 2 vs config 3" in err
 
