@@ -154,7 +154,11 @@ class DataConfig(Section):
     dtype: Literal["auto", "uint16", "uint32"] = "auto"
     max_documents: int | None = None  # keep the first N documents of the sources
     shard_tokens: int = 2**28  # tokens per shard file (the last one of a split is shorter)
-    num_workers: int = 0
+    # Training batches (stoker.data.loader.loader_settings): "auto" = 0 workers on CPU,
+    # min(4, cores per GPU process - 1) workers + pinned memory on CUDA; see docs/data.md.
+    num_workers: int | Literal["auto"] = "auto"
+    pin_memory: bool | Literal["auto"] = "auto"
+    prefetch_factor: int = 2  # batches each worker builds ahead
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -172,6 +176,10 @@ class DataConfig(Section):
             raise ValueError(f"data.max_documents must be positive, got {self.max_documents}")
         if self.shard_tokens <= 0:
             raise ValueError(f"data.shard_tokens must be positive, got {self.shard_tokens}")
+        if isinstance(self.num_workers, int) and self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0 or auto, got {self.num_workers}")
+        if self.prefetch_factor < 1:
+            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
         return self
 
 
@@ -346,7 +354,13 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 def _format_error(err: ValidationError, schema: type[BaseModel], data: dict[str, Any]) -> str:
     e = err.errors()[0]
-    key = ".".join(str(p) for p in e["loc"])
+    # union members (`int | Literal["auto"]`) add their tags to the location: leave them out
+    loc = [p for p in e["loc"] if not (isinstance(p, str) and (p in ("int", "bool", "float", "str")
+                                                               or p.startswith("literal[")))]
+    key = ".".join(str(p) for p in loc)
+    if len(err.errors()) > 1 and all(x["loc"][: len(loc)] == e["loc"][: len(loc)]
+                                     for x in err.errors()):
+        e = {**e, "msg": " or ".join(x["msg"] for x in err.errors())}
     if e["type"] == "extra_forbidden":
         near = difflib.get_close_matches(key, valid_keys(schema), n=1, cutoff=0.6)
         hint = f"; did you mean {near[0]}?" if near else ""

@@ -22,6 +22,7 @@ def test_tiny_run_writes_system_rows_and_advice(make_args, tmp_path):
     assert all(0 <= r["cpu_percent"] <= 100 and r["ram_total_gb"] > 0 for r in rows)
     assert rows[-1]["step"] == 6
     assert isinstance(summary["advice"], list)
+    assert 0 < summary["monitor_overhead"] < 1  # measured: sampler CPU time / run time
     saved = json.loads((out / "summary.json").read_text())
     assert saved["advice"] == summary["advice"]
 
@@ -47,3 +48,21 @@ def test_monitor_interval_zero_writes_no_system_file(make_args, tmp_path):
         )
     )
     assert not (out / "system.jsonl").exists()
+
+
+def test_tokenizing_inside_the_run_feeds_the_tokenization_advice(make_args, tmp_path,
+                                                                 monkeypatch):
+    """A run that tokenizes its corpus itself reports that rate to the advice; a run on an
+    up-to-date data dir does not (the rule's threshold is forced so it fires when fed)."""
+    from stoker.monitor import advice
+
+    monkeypatch.setattr(advice, "SLOW_TOKENIZE", 1e12)
+    def run(out):
+        return train(load_config(None, make_args(
+            "--train.max_steps=2", "--train.eval_interval=0", f"--data.dir={tmp_path / 'd'}",
+            out=tmp_path / out)))
+
+    first = run("a")  # tokenizes into the new data dir
+    assert any(a.startswith("tokenization (") for a in first["advice"])
+    again = run("b")  # finds it up to date
+    assert not any(a.startswith("tokenization (") for a in again["advice"])

@@ -211,3 +211,12 @@ def test_early_stopping_stops_when_val_loss_stops_improving(make_args, tmp_path)
     assert summary["steps"] == 6  # evals at 2 (best), 4 and 6 (no improvement twice)
     assert "early stopping" in summary["stopped"]
     assert list_checkpoints(tmp_path / "run")[-1].name == "step-00000006"
+
+
+def test_loader_workers_do_not_change_the_run(make_args, tmp_path):
+    train(load_config(None, make_args("--train.max_steps=6", "--train.eval_interval=0",
+                                      out=tmp_path / "a")))
+    train(load_config(None, make_args("--train.max_steps=6", "--train.eval_interval=0",
+                                      "--data.num_workers=2", "--data.prefetch_factor=3",
+                                      out=tmp_path / "b")))
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")

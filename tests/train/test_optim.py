@@ -18,7 +18,27 @@ def test_decay_only_on_2d_weights_and_tied_weight_once():
     n = sum(p.numel() for g in (decay, no_decay) for p in g["params"])
     assert n == sum(p.numel() for p in model.parameters())  # tied embedding counted once
     opt = build_optimizer(model, OptimConfig(), "cpu")
-    assert opt.defaults.get("foreach") is True
+    assert opt.defaults.get("fused") is True
+
+
+def test_fused_adamw_matches_foreach_reference():
+    """The fused CPU AdamW stoker builds takes the same steps as torch's foreach AdamW."""
+    torch.manual_seed(0)
+    a = build_model(ModelConfig(preset="tiny-llama"))
+    b = build_model(ModelConfig(preset="tiny-llama"))
+    b.load_state_dict(a.state_dict())
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    fused = build_optimizer(a, cfg, "cpu")
+    ref = torch.optim.AdamW(param_groups(b, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                            eps=cfg.eps, foreach=True)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in a.parameters()]
+        for m, opt in ((a, fused), (b, ref)):
+            for p, g in zip(m.parameters(), grads, strict=True):
+                p.grad = g.clone()
+            opt.step()
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
 def test_cosine_schedule_hand_values():

@@ -10,10 +10,18 @@ where a window of T+1 tokens fits inside one shard. No state advances between st
 - the loader's state is just (seed, split, next step), saved as JSON in checkpoints.
 Windows are drawn with replacement and may cross document boundaries (EOS separates them),
 as in nanoGPT. `eval_batches` instead spreads windows evenly over the whole split.
+
+`BatchStream` feeds the training loop: the micro-batches of steps [start, end) in order, built
+in the loop's process (`num_workers=0`) or by DataLoader worker processes that prefetch
+`prefetch_factor` batches each into pinned memory (`pin_memory`) for asynchronous copies to the
+GPU. Because each batch is a pure function of its step, workers change only *when* a batch is
+built, never *which* batch: losses are identical for every setting. `loader_settings` picks the
+settings from the device and the CPU cores (see docs/data.md, "Data loading").
 """
 
 from __future__ import annotations
 
+import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -51,6 +59,17 @@ class TokenWindows:
                 "train.seq_len, more data, or a larger data.val_fraction"
             )
         self.next_step = 0
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for DataLoader workers without the memory maps (reopened on arrival):
+        pickling an np.memmap would copy the whole split."""
+        state = self.__dict__.copy()
+        state["shards"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.shards = open_split(self.data_dir, self.meta, self.split)
 
     def _rows(self, starts: np.ndarray) -> torch.Tensor:
         """(len(starts), T+1) int64 token windows for global start indices."""
@@ -134,3 +153,87 @@ class TokenWindows:
             warnings.warn(
                 f"loader {', '.join(changed)} changed since the state was saved", stacklevel=2
             )
+
+
+# ------------------------------------------------------------------------------ streaming
+class _MicroBatches(torch.utils.data.Dataset):
+    """Item i = micro-batch (i mod n_micro) of step start + i // n_micro, this rank's rows."""
+
+    def __init__(self, windows: TokenWindows, start: int, end: int, rank: int, world: int,
+                 n_micro: int):
+        self.windows, self.start, self.rank, self.world, self.n_micro = (
+            windows, start, rank, world, n_micro)
+        self.n = max(0, end - start) * n_micro
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        step, micro = self.start + i // self.n_micro, i % self.n_micro
+        return self.windows.batch(step, self.rank, self.world, micro, self.n_micro)
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (affinity/cgroup-aware where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def loader_settings(device_type: str, num_workers: int | str = "auto",
+                    pin_memory: bool | str = "auto", prefetch_factor: int = 2,
+                    local_world: int = 1) -> dict[str, Any]:
+    """Resolved DataLoader settings for `data.num_workers / pin_memory / prefetch_factor`.
+
+    auto: on a GPU, min(4, cores per local process − 1) workers (one core stays with the
+    process that launches kernels) and pinned memory, so batch assembly and the host-to-device
+    copy overlap the step; on a CPU (or MPS) no workers and no pinning — a batch of random
+    windows from memory-mapped shards takes ~1 ms, and a worker would take a core from the
+    matmuls that do the training.
+    """
+    accelerated = device_type == "cuda"
+    if num_workers == "auto":
+        num_workers = min(4, cpu_cores() // max(1, local_world) - 1) if accelerated else 0
+    if pin_memory == "auto":
+        pin_memory = accelerated
+    num_workers = max(0, int(num_workers))
+    return {"num_workers": num_workers, "pin_memory": bool(pin_memory) and accelerated,
+            "prefetch_factor": prefetch_factor if num_workers else None}
+
+
+class BatchStream:
+    """This rank's micro-batches (x, y) of steps [start, end) in order; see the module doc."""
+
+    def __init__(self, windows: TokenWindows, start: int, end: int, rank: int = 0,
+                 world: int = 1, n_micro: int = 1, num_workers: int = 0,
+                 pin_memory: bool = False, prefetch_factor: int | None = None):
+        self.windows, self.n_micro = windows, n_micro
+        self.settings = {"num_workers": num_workers, "pin_memory": pin_memory,
+                         "prefetch_factor": prefetch_factor}
+        self._data = _MicroBatches(windows, start, end, rank, world, n_micro)
+        if num_workers == 0 and not pin_memory:
+            self._it: Iterator = (self._data[i] for i in range(len(self._data)))
+        else:
+            self._it = iter(torch.utils.data.DataLoader(
+                self._data, batch_size=None, shuffle=False, num_workers=num_workers,
+                pin_memory=pin_memory, prefetch_factor=prefetch_factor if num_workers else None,
+                persistent_workers=False))
+
+    def __iter__(self) -> BatchStream:
+        return self
+
+    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return next(self._it)
+
+    def __enter__(self) -> BatchStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers now (they also stop when the stream is garbage collected)."""
+        shutdown = getattr(self._it, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()

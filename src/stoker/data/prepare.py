@@ -306,7 +306,8 @@ def prepare(cfg: RecipeConfig) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     total = sum(s["tokens"] for s in splits.values())
     log(f"wrote {data_dir}: {_summary(meta)}; {total / max(seconds, 1e-9):,.0f} tokens/s")
-    return meta
+    # not in meta.json: tells the caller (the training loop's advice) tokenizing happened now
+    return {**meta, "tokenized_now": True}
 
 
 def _summary(meta: dict[str, Any]) -> str:

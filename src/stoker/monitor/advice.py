@@ -47,8 +47,8 @@ def data_bound(s: Signals) -> str | None:
         return None
     return (
         f"data-bound: {100 * s.data_wait:.0f}% of step time waits for data; raise "
-        f"data.num_workers (now {s.num_workers}), pin memory and prefetch batches, or put "
-        "the token shards on a faster disk"
+        f"data.num_workers (now {s.num_workers}), set data.pin_memory=true on a GPU and "
+        "data.prefetch_factor=4, or put the token shards on a faster (local) disk"
     )
 
 
@@ -118,8 +118,8 @@ def slow_tokenization(s: Signals) -> str | None:
         return None
     return (
         f"tokenization ({s.tokenize_tokens_per_second:,.0f} tok/s) is slower than training "
-        f"({s.tokens_per_second:,.0f} tok/s): run `stoker prepare` once ahead of training "
-        "and reuse data.dir, or raise data.num_workers"
+        f"({s.tokens_per_second:,.0f} tok/s) and ran inside this run: run `stoker prepare` "
+        "once ahead of training (on a machine with more cores) and point data.dir at it"
     )
 
 
@@ -158,7 +158,7 @@ def signals_for_run(
         world=world,
         strategy=cfg.dist.strategy,
         activation_checkpointing=t.activation_checkpointing,
-        num_workers=cfg.data.num_workers,
+        num_workers=cfg.data.num_workers if isinstance(cfg.data.num_workers, int) else 0,
     )
     for key, value in (measured or {}).items():
         if value is not None and hasattr(s, key):

@@ -143,6 +143,9 @@ class NullMonitor:
 
     def __init__(self) -> None:
         self._wait_sum, self._wait_n = 0.0, 0
+        # seconds the monitor itself cost: CPU time of the sampler thread plus the time the
+        # loop spends building the progress-bar line (its share of a run is `overhead`)
+        self.cost_seconds = 0.0
 
     def __enter__(self):
         return self
@@ -189,12 +192,14 @@ class SystemSampler(NullMonitor):
         return self
 
     def _sample(self) -> dict[str, Any]:
+        t0 = time.thread_time()
         row = {**sample_system(), "step": self.step}
         if self.data_wait is not None:
             row["data_wait"] = self.data_wait
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        self.cost_seconds += time.thread_time() - t0
         return row
 
     def _run(self) -> None:
@@ -209,8 +214,10 @@ class SystemSampler(NullMonitor):
             self.latest = self._sample()
 
     def postfix(self, row: dict[str, Any]) -> str:
+        t0 = time.perf_counter()
         self.observe(row)
         line = summary_line(self.latest, row.get("data_wait"), self.gpu_index)
+        self.cost_seconds += time.perf_counter() - t0
         return f" | {line}" if line else ""
 
 

@@ -30,6 +30,8 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    local_world: int = 1
+    control: Any = None  # a gloo group for host-side flags (None: the default group is gloo)
 
     @property
     def is_main(self) -> bool:
@@ -63,7 +65,13 @@ def init_distributed(device_name: str, backend: str = "auto") -> DistInfo:
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
-    return DistInfo(rank, world, local_rank, device)
+    control = None
+    if world > 1 and dist.get_backend() != "gloo":
+        # flags the host needs every step (stop signals) go over gloo on CPU tensors, so
+        # reading them never waits for the GPU's queue
+        control = dist.new_group(backend="gloo")
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return DistInfo(rank, world, local_rank, device, local_world, control)
 
 
 def parallelize(model: nn.Module, strategy: str, info: DistInfo) -> nn.Module:
@@ -112,11 +120,12 @@ def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
 
 
 def broadcast_flag(flag: bool, info: DistInfo) -> bool:
-    """True on every rank if it is True on any (signals, NaN stops)."""
+    """True on every rank if it is True on any (stop signals). A host-side collective over
+    gloo: no GPU synchronization."""
     if not info.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=info.device)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    t = torch.tensor([1.0 if flag else 0.0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=info.control)
     return bool(t.item() > 0)
 
 

@@ -25,6 +25,7 @@ from stoker.models.gpt import lm_loss
 from stoker.monitor.advice import advise, print_advice, signals_for_run
 from stoker.monitor.system import start_monitor
 from stoker.train import distributed as D
+from stoker.train.guard import NonFiniteGuard
 from stoker.train.optim import build_optimizer, lr_at
 from stoker.train.state import (
     check_out_dir,
@@ -109,7 +110,7 @@ def evaluate(model, loader, n_batches: int, info: D.DistInfo, amp, n_micro: int)
 
 def train(cfg: RecipeConfig) -> dict[str, Any]:
     """Train `cfg` to `train.max_steps` (or until stopped); returns the run summary."""
-    from stoker.data.loader import TokenWindows
+    from stoker.data.loader import BatchStream, TokenWindows, loader_settings
     from stoker.data.prepare import prepare
     from stoker.data.shards import check_vocab, load_meta
 
@@ -122,6 +123,9 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
               f"writing {out}\n{dump_config(cfg)}", flush=True)
         meta = prepare(cfg)
     D.barrier(info)
+    tokenize_rate = None  # tokens/s of a tokenization this run did itself (for the advice)
+    if info.is_main and meta.get("tokenized_now") and meta.get("tokenize_seconds"):
+        tokenize_rate = sum(s["tokens"] for s in meta["splits"].values()) / meta["tokenize_seconds"]
     if not info.is_main:
         meta = load_meta(cfg.data.dir)
     check_vocab(meta, cfg.model.vocab_size)
@@ -152,20 +156,31 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
             print(f"stoker: resuming from step {step} ({ckpt})", flush=True)
     fwd = torch.compile(model) if t.compile else model
 
+    loading = loader_settings(info.device.type, cfg.data.num_workers, cfg.data.pin_memory,
+                              cfg.data.prefetch_factor, info.local_world)
+    batches = BatchStream(train_data, step, t.max_steps, info.rank, info.world, n_micro,
+                          **loading)
+    # non-finite steps are skipped on the device; the host looks every step only on a CPU
+    guard = NonFiniteGuard(opt, info.device, enabled=precision != "fp16")
+    sync = info.device.type == "cuda"
     tracker = _make_tracker(cfg, info)
     meter = Throughput(cfg, seq_len, info, precision)
     bar = progress_bar(step, t.max_steps, info.is_main)
     stopped, last_val, loss_mean = None, None, None
     if info.is_main:  # config-level advice (nothing measured yet)
+        print(f"stoker: data loading: {loading['num_workers']} worker(s), pin_memory "
+              f"{loading['pin_memory']}" + (f", prefetch {loading['prefetch_factor']} per worker"
+                                            if loading["num_workers"] else ""), flush=True)
         print_advice(advise(signals_for_run(cfg, info.device, precision, info.world)))
 
     def save(step: int) -> None:
+        train_data.next_step = step  # batches are built ahead (workers); the saved position
         save_training_state(out, step, model, opt, cfg, info, train_data,
                             {"best_val": best_val, "bad_evals": bad_evals}, cfg.data.dir)
 
     model.train()
-    with StopFlag() as flag, start_monitor(out, t.monitor_interval, info.is_main,
-                                          info.device.index or 0) as monitor:
+    with StopFlag() as flag, batches, start_monitor(out, t.monitor_interval, info.is_main,
+                                                   info.device.index or 0) as monitor:
         while step < t.max_steps:
             lr = lr_at(step, t.max_steps, cfg.optim)
             for group in opt.param_groups:
@@ -173,7 +188,7 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
             meter.start_step()
             loss_sum = torch.zeros((), device=info.device)
             for micro in range(n_micro):
-                x, y = train_data.batch(step, info.rank, info.world, micro, n_micro)
+                x, y = next(batches)
                 x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
                 meter.data_ready()
                 with D.grad_sync(model, micro == n_micro - 1), amp:
@@ -185,25 +200,31 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        t.grad_clip if t.grad_clip > 0 else 1e30)
             loss_mean = D.all_reduce_mean(loss_sum, info)
-            if not bool(torch.isfinite(loss_mean)):
-                opt.zero_grad(set_to_none=True)
-                if t.nan_policy == "skip" and precision != "fp16":
-                    print(f"stoker: non-finite loss at step {step + 1}; step skipped", flush=True)
-                    step += 1
-                    continue
-                if precision != "fp16":
-                    save(step)
-                    raise StokerError(f"loss became {float(loss_mean)} at step {step + 1}; "
-                                      f"saved the last good state to {out} (lower optim.lr, "
-                                      "raise warmup or use train.nan_policy=skip)")
-            scaler.step(opt)
-            scaler.update()
+            if guard.step(step + 1, loss_mean, grad_norm):
+                scaler.step(opt)
+                scaler.update()
             opt.zero_grad(set_to_none=True)
             step += 1
+            log_now = step % t.log_interval == 0 or step == t.max_steps
+            eval_now = t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps)
+            save_now = step % t.save_interval == 0 or step == t.max_steps
+            if sync and log_now:  # the window's time then includes the GPU's queue
+                torch.cuda.synchronize(info.device)
             meter.end_step(t.batch_size * seq_len)
             monitor.step = step
+            if not sync or log_now or eval_now or save_now:  # host reads: free on a CPU
+                bad = guard.poll()
+                if bad and t.nan_policy == "skip":
+                    print(f"stoker: non-finite loss or gradients at {bad.count} step(s) "
+                          f"from step {bad.first}; those steps skipped", flush=True)
+                elif bad:
+                    save(step)
+                    raise StokerError(
+                        f"loss or gradients became non-finite at step {bad.first}; saved the "
+                        f"last good state (step {step}, that step not applied) to {out}; "
+                        "lower optim.lr, raise optim.warmup_steps or use train.nan_policy=skip")
 
-            if step % t.log_interval == 0 or step == t.max_steps:
+            if log_now:
                 extra = telemetry() if telemetry else {}  # the model's own, e.g. MoR routing
                 row = {"step": step, "loss": float(loss_mean), "lr": lr,
                        "grad_norm": float(grad_norm), **meter.report(), **memory_gb(info), **extra}
@@ -212,7 +233,7 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
                                         extra.items()) + monitor.postfix(row), refresh=False)
             bar.update(1)
 
-            if t.eval_interval and (step % t.eval_interval == 0 or step == t.max_steps):
+            if eval_now:
                 last_val = evaluate(fwd, val_data, t.eval_steps, info, amp, n_micro)
                 meter.exclude_since_last_step()
                 tracker.log({"step": step, "val_loss": last_val,
@@ -225,16 +246,19 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
                     stopped = f"early stopping: val_loss has not improved for {bad_evals} evals"
             if D.broadcast_flag(flag.set, info):
                 stopped = stopped or f"stopped by signal at step {step}"
-            if stopped or step % t.save_interval == 0 or step == t.max_steps:
+            if stopped or save_now:
                 save(step)
                 meter.exclude_since_last_step()
             if stopped:
                 break
     bar.close()
     summary = {**meter.summary(step), "final_loss": float(loss_mean) if loss_mean is not None else None,
-               "final_val_loss": last_val, "stopped": stopped, "out_dir": str(out)}
+               "final_val_loss": last_val, "stopped": stopped, "out_dir": str(out),
+               # share of the run's time the system monitor cost (sampler CPU + bar line)
+               "monitor_overhead": monitor.cost_seconds / max(meter.elapsed(), 1e-9)}
     summary["advice"] = advise(signals_for_run(cfg, info.device, precision, info.world, {
-        "data_wait": monitor.data_wait, "tokens_per_second": summary["tokens_per_second"]}))
+        "data_wait": monitor.data_wait, "tokens_per_second": summary["tokens_per_second"],
+        "tokenize_tokens_per_second": tokenize_rate, "num_workers": loading["num_workers"]}))
     if info.is_main:
         print_advice(summary["advice"])
     tracker.summary(summary)

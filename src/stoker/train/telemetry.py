@@ -106,8 +106,11 @@ class Throughput:
         self._reset_window()
         return row
 
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t_start
+
     def summary(self, step: int) -> dict[str, Any]:
-        elapsed = time.perf_counter() - self.t_start
+        elapsed = self.elapsed()
         tps = self.total_tokens / elapsed if elapsed else 0.0
         peak_mem = memory_gb(None).get("memory_gb")
         return {"steps": step, "tokens": self.total_tokens, "seconds": elapsed,
