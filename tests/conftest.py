@@ -6,6 +6,20 @@ from pathlib import Path
 import pytest
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_dir(tmp_path_factory):
+    """Measured CPU matmul rates go to a temporary cache, not the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("STOKER_CACHE_DIR")
+    os.environ["STOKER_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if old is None:
+        os.environ.pop("STOKER_CACHE_DIR", None)
+    else:
+        os.environ["STOKER_CACHE_DIR"] = old
+
+
 def stdlib_text(n_files: int = 20) -> list[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py"))[:n_files]

@@ -41,6 +41,16 @@ def test_wrong_type_names_key_value_and_type():
         load_config(None, ["--train.max_steps=abc"])
 
 
+def test_int_or_auto_keys_name_both_choices_without_union_tags():
+    with pytest.raises(StokerError) as err:
+        load_config(None, ["--data.num_workers=lots"])
+    msg = str(err.value)
+    assert msg.startswith("invalid value for data.num_workers: 'lots' (")
+    assert "integer" in msg and "'auto'" in msg
+    assert load_config(None, ["--data.num_workers=3"]).data.num_workers == 3
+    assert load_config(None, []).data.num_workers == "auto"
+
+
 def test_non_dividing_heads_rejected_with_alternatives():
     with pytest.raises(StokerError, match=r"2432 is not divisible by model.n_head=18.*19"):
         load_config(None, ["--model.preset=gpt2-1.36b", "--model.n_head=18"])
