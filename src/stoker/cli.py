@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "live CPU/RAM/GPU readings plus CUDA, bf16, NCCL/gloo checks and advice"),
     "plot": ("stoker.monitor.plot:plot_command",
              "PNG of runs' loss, lr, tokens/s, MFU, memory and system utilization"),
+    "bench": ("stoker.bench:bench_command",
+              "tokens/s of stoker's model and data loader vs transformers and nanoGPT"),
 }
 RECIPE_COMMANDS = {"train", "prepare"}
 
@@ -95,6 +97,10 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         from stoker.monitor.plot import add_arguments as add_plot_arguments
 
         add_plot_arguments(p)
+    elif name == "bench":
+        from stoker.bench import add_arguments as add_bench_arguments
+
+        add_bench_arguments(p)
 
 
 def build_parser(selected: str | None = None) -> Parser:

@@ -1,0 +1,249 @@
+"""What one `stoker bench` worker process measures (`python -m stoker.bench_workers SPEC`
+prints `RESULT {json}`): the two models built with the same weights, timed training steps,
+greedy decoding, the matmul rate, and the data loaders on a synthetic shard dir. The
+methods and the peers are described in `stoker.bench`. torch is imported inside the functions,
+so the parent process (and `stoker bench --help`) can import this module without it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from stoker.config import ModelConfig
+
+BATCH, PROMPT, NEW_TOKENS = 8, 32, 128
+MATMUL_N = 2048
+DATA_BATCHES = 1000  # batches per timed round of the data mode
+MISSING = "transformers not installed"
+
+
+# ------------------------------------------------------------------------------ models
+def model_config(preset: str) -> ModelConfig:
+    from stoker.config import ModelConfig
+
+    return ModelConfig(preset=preset)
+
+
+def decode_lengths(cfg: ModelConfig) -> tuple[int, int]:
+    """(prompt, new tokens) of the decode mode, within the model's context."""
+    prompt = min(PROMPT, cfg.max_seq_len // 4)
+    return prompt, min(NEW_TOKENS, cfg.max_seq_len - prompt)
+
+
+def build(impl: str, cfg: ModelConfig) -> tuple[Any, Callable[..., Any]]:
+    """(model, loss(ids, targets)) with each impl's own loss code; transformers gets a copy of
+    stoker's initial weights through the project's converter."""
+    import torch
+
+    from stoker.models.gpt import build_model, lm_loss
+
+    torch.manual_seed(0)
+    ours = build_model(cfg)
+    if impl == "stoker":
+        return ours, lambda ids, targets: lm_loss(ours(ids), targets)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from stoker.models.hf import hf_config_from, state_dict_to_hf
+
+    fields = hf_config_from(cfg)
+    fields.pop("architectures")
+    # no special tokens: generate() must neither stop early nor pad
+    fields.update(bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    hf_cfg = AutoConfig.for_model(fields.pop("model_type"), **fields)
+    hf = AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="sdpa")
+    keys = hf.load_state_dict(state_dict_to_hf(ours.state_dict(), cfg), strict=False)
+    tied = ["lm_head.weight"] if cfg.tie_embeddings else []  # tied by from_config
+    if keys.unexpected_keys or keys.missing_keys != tied:
+        raise RuntimeError(f"weights do not match the transformers model: {keys}")
+
+    def hf_loss(ids, targets):  # HF's causal-LM loss; the targets are shifted already
+        return hf(input_ids=ids, labels=targets, shift_labels=targets, use_cache=False).loss
+
+    return hf, hf_loss
+
+
+# ----------------------------------------------------------------------------- workers
+def run_matmul(dtype_name: str, reps: int) -> float:
+    """FLOP/s of the best of `reps` MATMUL_N² matmuls in `dtype_name`."""
+    import torch
+
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
+    a = torch.randn(MATMUL_N, MATMUL_N).to(dtype)
+    b = torch.randn(MATMUL_N, MATMUL_N).to(dtype)
+    for _ in range(2):
+        a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * MATMUL_N**3 / best
+
+
+def run_train(impl: str, mode: str, cfg: ModelConfig, warmup: int, steps: int) -> dict[str, Any]:
+    import contextlib
+
+    import torch
+
+    model, loss_fn = build(impl, cfg)
+    model.train()
+    from stoker.config import OptimConfig
+    from stoker.train.optim import build_optimizer, param_groups
+
+    ocfg = OptimConfig(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    if impl == "stoker":  # what `stoker train` builds: fused AdamW on CPU
+        opt = build_optimizer(model, ocfg, "cpu")
+    else:  # HF Trainer's default for torch >= 2.8 (`adamw_torch_fused`), same decay groups
+        opt = torch.optim.AdamW(param_groups(model, ocfg.weight_decay), lr=ocfg.lr,
+                                betas=ocfg.betas, eps=ocfg.eps, fused=True)
+    T, gen = cfg.max_seq_len, torch.Generator().manual_seed(1)
+    data = torch.randint(0, cfg.vocab_size, (BATCH, T + 1), generator=gen)
+    ids, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # (B, T) each
+    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    autocast = bf16 if mode == "bf16" else contextlib.nullcontext
+    times, losses = [], []
+    for _ in range(warmup + steps):
+        t0 = time.perf_counter()
+        with autocast():
+            loss = loss_fn(ids, targets)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.perf_counter() - t0)
+        losses.append(loss.item())
+    step_s = statistics.median(times[warmup:])
+    return {"tokens_per_s": BATCH * T / step_s, "step_s": step_s, "loss0": losses[0]} | {
+        "step_times": times[warmup:]
+    }
+
+
+def run_decode(impl: str, cfg: ModelConfig, warmup: int, repeats: int) -> dict[str, Any]:
+    import torch
+
+    from stoker.generate import generate
+
+    model, _ = build(impl, cfg)
+    model.eval()
+    (n_prompt, n_new), gen = decode_lengths(cfg), torch.Generator().manual_seed(2)
+    prompt = torch.randint(0, cfg.vocab_size, (1, n_prompt), generator=gen)
+    if impl == "stoker":  # generate yields (B,) ids one step at a time
+        decode = lambda: torch.stack(list(generate(model, prompt, n_new, temperature=0.0)), 1)
+    else:
+        decode = lambda: model.generate(
+            prompt, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new
+        )[:, n_prompt:]
+    times = []
+    with torch.inference_mode():
+        for i in range(warmup + repeats):
+            t0 = time.perf_counter()
+            out = decode()  # (1, n_new)
+            if i >= warmup:
+                times.append(time.perf_counter() - t0)
+    if out.shape != (1, n_new):
+        raise RuntimeError(f"{impl} decoded shape {tuple(out.shape)}, expected (1, {n_new})")
+    t = statistics.median(times)
+    return {"tokens_per_s": n_new / t, "seconds": t, "times": times, "tokens": out[0].tolist()}
+
+
+def write_shards(directory: Path, vocab_size: int, tokens: int, seed: int = 0) -> None:
+    """A token-shard dir as `stoker prepare` leaves one (data/shards.py): uniform random ids,
+    the train split in one shard, a small val split, a tokenizer dir, meta.json written last."""
+    import numpy as np
+
+    from stoker.data import shards
+
+    dtype = shards.choose_dtype(vocab_size)
+    rng = np.random.default_rng(seed)
+    splits = {}
+    for split, n in (("train", tokens), ("val", max(tokens // 64, 1024))):
+        writer = shards.ShardWriter(directory, split, dtype, shard_tokens=n)
+        writer.write(rng.integers(0, vocab_size, n, dtype=shards.DTYPES[dtype]), documents=1)
+        splits[split] = writer.summary()
+    (directory / shards.TOKENIZER_DIR).mkdir()
+    meta = dict(format=shards.FORMAT, version=shards.VERSION, vocab_size=vocab_size, dtype=dtype)
+    meta.update(tokenizer_dir=shards.TOKENIZER_DIR, splits=splits, seed=seed)
+    meta.update(sources=["stoker bench: uniform random token ids"])
+    (directory / shards.META_FILE).write_text(json.dumps(meta, indent=2))
+
+
+def nanogpt_get_batch(
+    path: Path, dtype: str, block_size: int, batch_size: int
+) -> Callable[[int], tuple[Any, Any]]:
+    """nanoGPT's `get_batch` (train.py) on CPU, as a user would copy it into a script."""
+    import numpy as np
+    import torch
+
+    def get_batch(_step: int):
+        # nanoGPT re-creates the memmap every batch to avoid a memory leak
+        data = np.memmap(path, dtype=dtype, mode="r")
+        ix = torch.randint(len(data) - block_size, (batch_size,))
+        x = torch.stack([torch.from_numpy(data[i : i + block_size].astype(np.int64)) for i in ix])
+        y = torch.stack(
+            [torch.from_numpy(data[i + 1 : i + 1 + block_size].astype(np.int64)) for i in ix]
+        )
+        return x, y
+
+    return get_batch
+
+
+def run_data(
+    impl: str, cfg: ModelConfig, data_dir: str, warmup: int, rounds: int
+) -> dict[str, Any]:
+    import torch
+
+    from stoker.data.loader import TokenWindows
+
+    T = cfg.max_seq_len
+    windows = TokenWindows(data_dir, "train", T, BATCH, seed=0)
+    if impl == "stoker":
+        get_batch = windows.batch
+    else:
+        torch.manual_seed(0)
+        path = Path(data_dir) / windows.meta["splits"]["train"]["shards"][0]["file"]
+        get_batch = nanogpt_get_batch(path, windows.meta["dtype"], T, BATCH)
+    rates = []
+    for r in range(warmup + rounds):
+        t0 = time.perf_counter()
+        for i in range(DATA_BATCHES):
+            x, y = get_batch(r * DATA_BATCHES + i)  # (B, T) each
+        if r >= warmup:
+            rates.append(DATA_BATCHES * BATCH * T / (time.perf_counter() - t0))
+    if x.shape != (BATCH, T) or y.shape != (BATCH, T) or x.dtype != torch.int64:
+        raise RuntimeError(f"{impl} loader gave {tuple(x.shape)} {x.dtype}")
+    return {"tokens_per_s": statistics.median(rates), "rates": rates}
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One (impl, mode) measurement in this process; `spec` comes from `bench.run_all`."""
+    impl, mode, versions = spec["impl"], spec["mode"], {}
+    if impl == "transformers":
+        try:
+            import transformers
+        except ImportError:
+            return {"missing": MISSING}
+        versions["transformers"] = transformers.__version__
+    import torch
+
+    torch.set_num_threads(spec["threads"])
+    warmup, steps = spec["warmup"], spec["steps"]
+    if impl == "matmul":
+        reps = 5 if spec["quick"] else 10
+        result: dict[str, Any] = {d: run_matmul(d, reps) for d in spec["dtypes"]}
+    elif mode == "decode":
+        result = run_decode(impl, model_config(spec["preset"]), warmup, steps)
+    elif mode == "data":
+        result = run_data(impl, model_config(spec["preset"]), spec["data_dir"], warmup, steps)
+    else:
+        result = run_train(impl, mode, model_config(spec["preset"]), warmup, steps)
+    return {**result, **versions, "threads": torch.get_num_threads(), "torch": torch.__version__}
+
+
+if __name__ == "__main__":
+    print("RESULT " + json.dumps(worker(json.loads(sys.argv[1]))), flush=True)

@@ -1,0 +1,178 @@
+"""`stoker bench`: the reported ratios and matmul fractions recomputed from the reported numbers
+and an independent FLOPs count, the same function on both sides (first-step loss, greedy
+tokens), a run without `transformers`, and every bad-argument path. Timings are never asserted.
+The end-to-end runs (marked slow) use tiny-llama with 2 timed steps per worker.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from stoker.bench import print_table
+from stoker.cli import main
+from stoker.config import ModelConfig
+from stoker.scaling.flops import count_params, flops_per_token
+
+FAST = ["--preset", "tiny-llama", "--quick", "--steps", "2", "--warmup", "1", "--threads", "1"]
+
+
+def run_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "stoker", "bench", *FAST, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def summary() -> dict:
+    """`stoker bench --json` (JSON on stdout, no table) for fp32, decode and data."""
+    r = run_bench("--modes", "fp32,decode,data", "--json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+@pytest.mark.slow
+def test_rows_in_mode_order_with_their_peers(summary):
+    assert [(row["mode"], row["peer"]) for row in summary["rows"]] == [
+        ("fp32", "transformers"),
+        ("decode", "transformers"),
+        ("data", "nanogpt"),
+    ]
+    assert summary["preset"] == "tiny-llama"
+    assert summary["settings"]["batch"] == 8 and summary["settings"]["seq_len"] == 128
+    assert summary["settings"]["threads"] == 1
+    assert all(r["threads"] == 1 for runs in summary["runs"].values() for r in runs)
+
+
+@pytest.mark.slow
+def test_versions_are_those_of_the_installed_libraries(summary):
+    import transformers
+
+    assert summary["versions"] == {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+@pytest.mark.slow
+def test_ratio_is_stoker_over_peer_median_tokens_per_s(summary):
+    for row in summary["rows"]:
+        stoker = [r["tokens_per_s"] for r in summary["runs"][f"stoker/{row['mode']}"]]
+        peer = [r["tokens_per_s"] for r in summary["runs"][f"{row['peer']}/{row['mode']}"]]
+        assert row["stoker_tokens_per_s"] == statistics.median(stoker)
+        assert row["peer_tokens_per_s"] == statistics.median(peer)
+        assert row["ratio"] == pytest.approx(statistics.median(stoker) / statistics.median(peer))
+
+
+@pytest.mark.slow
+def test_train_tokens_per_s_is_batch_times_seq_len_over_median_step(summary):
+    for impl in ("stoker", "transformers"):
+        (run,) = summary["runs"][f"{impl}/fp32"]
+        assert len(run["step_times"]) == 2  # --steps 2 after --warmup 1
+        assert run["step_s"] == statistics.median(run["step_times"])
+        assert run["tokens_per_s"] == pytest.approx(8 * 128 / run["step_s"])
+
+
+@pytest.mark.slow
+def test_matmul_fraction_is_achieved_flops_over_matmul_rate(summary):
+    cfg = ModelConfig(preset="tiny-llama")
+    # PaLM's 6N + 12·L·H·Q·T with N = all parameters, written out here
+    fpt = 6 * count_params(cfg).total + 12 * cfg.n_layer * cfg.n_head * cfg.dim_head * 128
+    assert summary["flops_per_token"] == pytest.approx(fpt)
+    assert flops_per_token(cfg, 128) == pytest.approx(fpt)
+    rate = summary["matmul_flops_per_s"]["fp32"]
+    assert set(summary["matmul_flops_per_s"]) == {"fp32"}  # bf16 not asked for
+    assert rate == max(r["fp32"] for r in summary["runs"]["matmul/matmul"])
+    (row,) = [r for r in summary["rows"] if r["mode"] == "fp32"]
+    assert row["stoker_mm_frac"] == pytest.approx(row["stoker_tokens_per_s"] * fpt / rate)
+    assert row["peer_mm_frac"] == pytest.approx(row["peer_tokens_per_s"] * fpt / rate)
+    assert 0 < row["stoker_mm_frac"] < 1 and 0 < row["peer_mm_frac"] < 1
+
+
+@pytest.mark.slow
+def test_both_models_compute_the_same_function(summary):
+    stoker_loss, hf_loss = summary["checks"]["loss0_fp32"]
+    torch.testing.assert_close(stoker_loss, hf_loss, rtol=1e-5, atol=0)
+    stoker_tokens, hf_tokens = summary["checks"]["tokens_decode"]
+    assert len(stoker_tokens) == 96  # prompt 32 + 96 new fill tiny-llama's 128 positions
+    assert stoker_tokens == hf_tokens
+
+
+@pytest.mark.slow
+def test_data_row_gives_loader_headroom_over_training(summary):
+    rows = {r["mode"]: r for r in summary["rows"]}
+    data = rows["data"]
+    assert data["train_mode"] == "fp32"
+    assert data["train_multiple"] == pytest.approx(
+        data["stoker_tokens_per_s"] / rows["fp32"]["stoker_tokens_per_s"]
+    )
+    assert len(summary["runs"]["stoker/data"][0]["rates"]) == 2
+    assert "data" not in "".join(summary["checks"])
+
+
+@pytest.mark.slow
+def test_table_shows_rates_ratios_fractions_and_checks(summary, capsys):
+    print_table(summary)
+    out = capsys.readouterr().out
+    mm = summary["matmul_flops_per_s"]["fp32"]
+    assert f"GFLOP/s: fp32 {mm / 1e9:.0f}" in out and "threads 1," in out
+    assert f"torch {torch.__version__}" in out and "preset tiny-llama" in out
+    lines = {line.split("  ")[0]: line for line in out.splitlines()}
+    fp32 = summary["rows"][0]
+    assert f"{fp32['ratio']:.2f}x" in lines["train fp32"]
+    assert f"{fp32['stoker_mm_frac']:.0%}" in lines["train fp32"]
+    assert lines["data loader"].endswith("nanoGPT get_batch")
+    assert "check: first-step fp32 loss" in out
+    assert "check: greedy tokens equal in 96/96 positions" in out
+    assert "TokenWindows.batch delivers" in out
+
+
+@pytest.mark.slow
+def test_without_transformers_the_stoker_column_still_runs(tmp_path):
+    fake = tmp_path / "hide" / "transformers"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise ImportError('hidden by test_bench')\n")
+    path = os.pathsep.join(filter(None, [str(fake.parent), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path}
+    out = tmp_path / "bench.json"
+    r = run_bench("--modes", "decode", "--json", str(out), env=env)
+    assert r.returncode == 0, r.stderr
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["stoker_tokens_per_s"] > 0
+    assert row["peer_tokens_per_s"] is None and row["ratio"] is None
+    assert row["peer_missing"] == "transformers not installed"
+    decode_line = next(ln for ln in r.stdout.splitlines() if ln.startswith("decode  "))
+    assert decode_line.endswith("transformers not installed")
+    assert "transformers not installed;" in r.stdout  # header
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--modes", "fp32,bogus"], "--modes: unknown mode bogus"),
+        (["--modes", ","], "--modes: unknown mode (none)"),
+        (["--preset", "gpt5"], "--preset gpt5: unknown preset"),
+        (["--threads", "0"], "--threads must be >= 1, got 0"),
+        (["--repeats", "-1"], "--repeats must be >= 1"),
+        (["--steps", "0"], "--steps must be >= 1"),
+        (["--warmup", "-1"], "--warmup must be >= 0"),
+        (["--retries", "-2"], "--retries must be >= 0"),
+        (["--wait-idle", "-1"], "--wait-idle must be >= 0"),
+        (["--threads", "two"], "invalid int value: 'two'"),
+        (["--json", "/nonexistent/dir/b.json"], "directory /nonexistent/dir does not exist"),
+        (["--bogus"], "unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_argument_is_one_line_exit_2(args, message, capsys):
+    assert main(["bench", *args]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert message in captured.err and captured.err.count("\n") == 1
