@@ -39,6 +39,20 @@ def test_without_nvml_or_gpu_there_are_no_gpu_fields():
         assert "gpus" not in sample_system()
 
 
+def test_mps_fields_only_where_mps_exists(monkeypatch):
+    import torch
+
+    from stoker.monitor import system
+
+    if not torch.backends.mps.is_available():
+        assert system.torch_mps_stats() == {}
+        assert not any(k.startswith("mps_") for k in sample_system())
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "current_allocated_memory", lambda: 2e9, raising=False)
+    monkeypatch.setattr(torch.mps, "driver_allocated_memory", lambda: 3e9, raising=False)
+    assert system.torch_mps_stats() == {"mps_allocated_gb": 2.0, "mps_driver_gb": 3.0}
+
+
 def test_summary_line_with_a_gpu_and_on_a_cpu_machine():
     gpu = {
         "gpus": [{"index": 0, "mem_used_gb": 8.2, "mem_total_gb": 16.0, "util_percent": 85.0}],

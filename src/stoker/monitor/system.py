@@ -2,7 +2,7 @@
 
 `sample_system()` takes one reading. psutil gives CPU/RAM/RSS; NVML (`pynvml`, package
 nvidia-ml-py) gives each GPU's memory, utilization, power and temperature; `torch.cuda` gives
-the caching allocator's view of this process. Each source is optional: a missing package or
+the caching allocator's view of this process (`torch.mps` on Apple silicon). Each source is optional: a missing package or
 a failing call leaves its fields out, never raises. `SystemSampler` runs `sample_system` every
 `interval` seconds on a daemon thread and appends the rows to `out_dir/system.jsonl`, so the
 training loop only reads the latest sample (an attribute) and never waits on a sensor.
@@ -101,6 +101,19 @@ def torch_cuda_stats() -> dict[str, float]:
     }
 
 
+def torch_mps_stats() -> dict[str, float]:
+    """Apple-silicon GPU memory held by this process (Metal), where MPS is available."""
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    if mps is None or not mps.is_available() or not hasattr(torch, "mps"):
+        return {}
+    return {
+        "mps_allocated_gb": _try(torch.mps.current_allocated_memory, default=0) / 1e9,
+        "mps_driver_gb": _try(torch.mps.driver_allocated_memory, default=0) / 1e9,
+    }
+
+
 def sample_system(cpu_interval: float | None = None) -> dict[str, Any]:
     """One reading of every available source, with a wall-clock `time`."""
     row: dict[str, Any] = {"time": time.time(), **host_stats(cpu_interval)}
@@ -108,6 +121,7 @@ def sample_system(cpu_interval: float | None = None) -> dict[str, Any]:
     if gpus:
         row["gpus"] = gpus
     row.update(torch_cuda_stats())
+    row.update(torch_mps_stats())
     return row
 
 
