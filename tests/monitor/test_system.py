@@ -4,6 +4,8 @@ import json
 import sys
 import time
 
+import pytest
+
 from stoker.monitor.system import (
     NullMonitor,
     SystemSampler,
@@ -66,6 +68,19 @@ def test_summary_line_with_a_gpu_and_on_a_cpu_machine():
     cpu = {"cpu_percent": 45.2, "ram_percent": 67.0}
     assert summary_line(cpu) == "CPU 45% | RAM 67%"
     assert summary_line(None) == ""
+
+
+def test_first_row_reads_real_cpu_use(tmp_path):
+    """psutil keeps its CPU counter per thread: the sampler thread primes its own, so the
+    first row is a reading, not psutil's 0.0 placeholder."""
+    pytest.importorskip("psutil")
+    path = tmp_path / "system.jsonl"
+    with SystemSampler(path, interval=0.2).start():
+        end = time.perf_counter() + 0.5
+        while time.perf_counter() < end:  # keep one core busy
+            pass
+    first = json.loads(path.read_text().splitlines()[0])
+    assert first["cpu_percent"] > 10
 
 
 def test_sampler_thread_writes_rows_with_step_and_stops(tmp_path):

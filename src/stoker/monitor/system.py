@@ -201,7 +201,6 @@ class SystemSampler(NullMonitor):
         self._thread = threading.Thread(target=self._run, name="stoker-monitor", daemon=True)
 
     def start(self) -> SystemSampler:
-        host_stats()  # prime psutil's CPU counter; the first row comes after one interval
         self._thread.start()
         return self
 
@@ -217,6 +216,9 @@ class SystemSampler(NullMonitor):
         return row
 
     def _run(self) -> None:
+        # prime psutil's CPU counter in this thread (psutil keeps one per thread); the first
+        # row comes after one interval
+        host_stats()
         while not self._stop.wait(self.interval):
             self.latest = self._sample()
 
