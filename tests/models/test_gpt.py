@@ -92,3 +92,22 @@ def test_learned_positions_refuse_overlong_input():
     model = _tiny("gpt2")
     with pytest.raises(ValueError, match="max_seq_len"):
         model(torch.zeros(1, 33, dtype=torch.long))
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_compiled_forward_traces_one_graph_and_matches_eager(arch):
+    """`train.compile=true` must not recompile on the second step (a guard on the Python-side
+    RoPE cache once did); dynamo's eager backend traces without generating kernels."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(preset=f"tiny-{arch}", n_layer=2))
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randint(0, model.config.vocab_size, (2, 16))
+    for _ in range(3):
+        out = compiled(x)
+    assert counters["stats"]["unique_graphs"] == 1
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0)
+    torch._dynamo.reset()

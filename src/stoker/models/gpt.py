@@ -229,7 +229,12 @@ class Decoder(nn.Module):
 
     def _rope_range(self, start: int, end: int, device: torch.device) -> Rope:
         """RoPE tables for positions start..end-1, equal to `rope_tables(arange(start, end))`:
-        slices of tables computed once per device for max(end, max_seq_len) positions."""
+        slices of tables computed once per device for max(end, max_seq_len) positions.
+        Under torch.compile the graph computes them itself (fused, and no guard on the Python
+        cache that would recompile the forward on its second call)."""
+        if torch.compiler.is_compiling():
+            return rope_tables(torch.arange(start, end, device=device), self.config.dim_head,
+                               self.config.rope_theta)
         if (self._rope_cache is None or self._rope_cache[0].device != device
                 or self._rope_cache[0].shape[0] < end):
             n = max(end, self.config.max_seq_len)
