@@ -1,9 +1,13 @@
 """`stoker bench`: the reported ratios and matmul fractions recomputed from the reported numbers
 and an independent FLOPs count, the same function on both sides (first-step loss, greedy
-tokens), a run without `transformers`, and every bad-argument path. Timings are never asserted.
-The end-to-end runs (marked slow) use tiny-llama with 2 timed steps per worker.
+tokens), a run without `transformers`, the mode selection (compiled modes opt-in, `all`), the
+compiled rows' speedup and warm-up summaries from given worker results, and every bad-argument
+path. Timings are never asserted. The end-to-end runs (marked slow) use tiny-llama with 2 timed
+steps per worker; a compiled run is not among them (a cold compile of both models takes ~100 s
+on 2 cores).
 """
 
+import argparse
 import json
 import os
 import statistics
@@ -13,7 +17,7 @@ import sys
 import pytest
 import torch
 
-from stoker.bench import print_table
+from stoker.bench import DEFAULT_MODES, MODES, add_arguments, check_args, print_table, summarize
 from stoker.cli import main
 from stoker.config import ModelConfig
 from stoker.scaling.flops import count_params, flops_per_token
@@ -133,6 +137,7 @@ def test_table_shows_rates_ratios_fractions_and_checks(summary, capsys):
     assert "check: first-step fp32 loss" in out
     assert "check: greedy tokens equal in 96/96 positions" in out
     assert "TokenWindows.batch delivers" in out
+    assert "rate (a loader under ~10x the training rate would slow training)" in out
 
 
 @pytest.mark.slow
@@ -159,6 +164,9 @@ def test_without_transformers_the_stoker_column_still_runs(tmp_path):
     [
         (["--modes", "fp32,bogus"], "--modes: unknown mode bogus"),
         (["--modes", ","], "--modes: unknown mode (none)"),
+        (["--modes", "bf16-compile,fp16-compile"], "--modes: unknown mode fp16-compile"),
+        (["--modes", "compile"], "--modes: unknown mode compile; choose from fp32,"),
+        (["--modes", "fp32-compile", "--warmup", "0"], "--warmup must be >= 1 with a -compile"),
         (["--preset", "gpt5"], "--preset gpt5: unknown preset"),
         (["--threads", "0"], "--threads must be >= 1, got 0"),
         (["--repeats", "-1"], "--repeats must be >= 1"),
@@ -176,3 +184,96 @@ def test_bad_argument_is_one_line_exit_2(args, message, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert message in captured.err and captured.err.count("\n") == 1
+
+
+def bench_args(*argv: str) -> argparse.Namespace:
+    """`stoker bench` options as its parser reads them (no run)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(list(argv))
+
+
+@pytest.mark.parametrize(
+    "modes, expected",
+    [
+        (None, ["fp32", "bf16", "decode", "data"]),
+        ("all", ["fp32", "fp32-compile", "bf16", "bf16-compile", "decode", "data"]),
+        ("data,all", list(MODES)),
+        ("data,bf16-compile,fp32", ["fp32", "bf16-compile", "data"]),
+        (" fp32-compile , bf16-compile ", ["fp32-compile", "bf16-compile"]),
+    ],
+)
+def test_modes_compiled_only_on_request_in_table_order(modes, expected):
+    args = bench_args() if modes is None else bench_args("--modes", modes)
+    assert check_args(args) == expected
+    assert not any(m.endswith("-compile") for m in DEFAULT_MODES)
+
+
+def test_compiled_warmup_of_one_step_is_accepted():
+    assert check_args(bench_args("--modes", "bf16-compile", "--warmup", "1")) == ["bf16-compile"]
+    assert check_args(bench_args("--modes", "bf16", "--warmup", "0")) == ["bf16"]
+
+
+def train_run(tokens_per_s: float, warmup_s: float, loss0: float, timed_graphs: int = 0) -> dict:
+    """What `bench_workers.run_train` reports, with given numbers."""
+    step_s = 8 * 128 / tokens_per_s
+    return dict(
+        tokens_per_s=tokens_per_s,
+        step_s=step_s,
+        loss0=loss0,
+        timed_graphs=timed_graphs,
+        warmup_steps=2,
+        warmup_s=warmup_s,
+        step_times=[step_s],
+        threads=1,
+        torch="2",
+    )
+
+
+def compiled_summary(modes: list[str], timed_graphs: int = 0) -> dict:
+    """`summarize` over given worker results: eager and compiled bf16 of both impls."""
+    runs = {("matmul", "matmul"): [{"bf16": 2e11}, {"bf16": 1e11}]}
+    runs[("stoker", "bf16")] = [train_run(1000.0, 0.2, 6.25), train_run(1200.0, 0.4, 6.25)]
+    runs[("transformers", "bf16")] = [train_run(800.0, 0.3, 6.25001)]
+    runs[("stoker", "bf16-compile")] = [train_run(1430.0, 41.0, 6.2500004, timed_graphs)]
+    runs[("transformers", "bf16-compile")] = [train_run(1000.0, 35.5, 6.2500102)]
+    runs = {key: v for key, v in runs.items() if key[1] in (*modes, "matmul")}
+    args = bench_args("--preset", "tiny-llama", "--modes", ",".join(modes), "--quick")
+    args.repeats = 1
+    return summarize(runs, modes, ModelConfig(preset="tiny-llama"), args)
+
+
+def test_compiled_row_gives_speedup_over_eager_and_warmup_seconds(capsys):
+    s = compiled_summary(["bf16", "bf16-compile"])
+    eager, compiled = s["rows"]
+    assert s["matmul_flops_per_s"] == {"bf16": 2e11}  # compiled rows share the dtype's rate
+    assert compiled["ratio"] == pytest.approx(1430 / 1000)
+    assert compiled["stoker_mm_frac"] == pytest.approx(1430 * s["flops_per_token"] / 2e11)
+    assert compiled["stoker_vs_eager"] == pytest.approx(1430 / 1100)  # median of 1000, 1200
+    assert compiled["peer_vs_eager"] == pytest.approx(1000 / 800)
+    assert (compiled["stoker_warmup_s"], compiled["peer_warmup_s"]) == (41.0, 35.5)
+    assert eager["stoker_warmup_s"] == pytest.approx(0.3) and "stoker_vs_eager" not in eager
+    assert s["checks"]["loss0_bf16-compile"] == [6.2500004, 6.2500102]
+    print_table(s)
+    out = capsys.readouterr().out
+    assert "train bf16 compile " in out and f"{compiled['ratio']:.2f}x" in out
+    assert (
+        "check: first-step bf16-compile loss 6.250000 vs 6.250010 (eager 6.250000 vs 6.250010)"
+        in out
+    )
+    assert (
+        "compile bf16: stoker 1.30x eager, transformers 1.25x eager; "
+        "warm-up (2 step(s), compiling included) stoker 41.0 s, transformers 35.5 s"
+    ) in out
+    assert "recompilation" not in out
+
+
+def test_compiled_row_without_eager_mode_gives_warmup_only_and_flags_recompiles(capsys):
+    s = compiled_summary(["bf16-compile"], timed_graphs=1)
+    (row,) = s["rows"]
+    assert row["stoker_vs_eager"] is None and row["peer_vs_eager"] is None
+    print_table(s)
+    out = capsys.readouterr().out
+    assert "compile bf16: warm-up (2 step(s), compiling included) stoker 41.0 s" in out
+    assert "check: first-step bf16-compile loss 6.250000 vs 6.250010\n" in out
+    assert "note: bf16-compile: 1 graph(s) compiled during the timed steps" in out

@@ -2,7 +2,7 @@
 side by side on this machine.
 
     stoker bench [--quick] [--json [PATH]] [--threads N] [--repeats R] [--preset NAME]
-                 [--modes fp32,bf16,decode,data] [--wait-idle SECONDS] [--retries N]
+                 [--modes fp32,bf16,decode,data | all] [--wait-idle SECONDS] [--retries N]
     make bench                     # = .venv/bin/python benchmarks/bench_model.py = stoker bench
 
 The model is a preset (default `bench-llama`: 6 layers, d 384, 6 heads / 2 KV heads, d_ff
@@ -22,6 +22,15 @@ thread-pool state is shared; with `--repeats` > 1 the order alternates.
   token, N = all parameters; Kaplan et al. 2020, PaLM appendix B) is shown as a fraction of
   this machine's matmul rate in that dtype: the best of several 2048×2048 matmuls, measured in
   its own subprocess before and after the model cells.
+- fp32-compile / bf16-compile (opt-in: `--modes ...,bf16-compile` or `--modes all`): the same
+  step with each model under `torch.compile` as its trainer applies it: `stoker train
+  --train.compile=true` compiles the forward and keeps `lm_loss` outside; HF Trainer's
+  `torch_compile=True` has accelerate call `torch.compile(model)` (inductor, default mode) and
+  the loss is computed inside the model. Compiling happens in the warmup steps (`--warmup` >= 1;
+  their total time is shown as the warm-up seconds), each worker with an empty inductor cache,
+  so it is a cold compile (40-75 s per cell on 2 cores, tiny-llama or bench-llama). With the
+  eager mode of the same dtype in the run, the compiled/eager speedup of each impl is printed;
+  graphs compiled during the timed steps (a recompile the warmup did not cover) are flagged.
 - decode: greedy, batch 1, prompt 32, 128 new tokens (fewer when T is shorter) with the KV
   cache in fp32 (transformers: `generate(do_sample=False)`; stoker: `stoker.generate.generate`);
   new tokens / wall time incl. prefill, median over repeats.
@@ -29,7 +38,8 @@ thread-pool state is shared; with `--repeats` > 1 the order alternates.
   shard dir of random ids written as `stoker prepare` writes one, against nanoGPT's `get_batch`
   (np.memmap opened per batch, offsets from torch.randint, torch.stack of int64 copies) on the
   same file. It is also given as a multiple of the fastest stoker training rate of the same
-  run: the loader's headroom (under ~10× the training rate, loading shows in the step time).
+  run: the loader's headroom (a loader under ~10× the training rate would show in the step
+  time).
 
 Ratios are stoker / peer (> 1: stoker faster). Without `transformers` the model rows show
 stoker alone. The `other` column is the CPU (in cores) that processes other than the worker
@@ -51,25 +61,37 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stoker.bench_workers import BATCH, MATMUL_N, decode_lengths, model_config, write_shards
+from stoker.bench_workers import (
+    BATCH,
+    COMPILED,
+    MATMUL_N,
+    decode_lengths,
+    model_config,
+    train_variant,
+    write_shards,
+)
 from stoker.errors import StokerError
 
 DEFAULT_PRESET = "bench-llama"
 DATA_TOKENS = 4 * 2**20  # tokens in the data mode's train shard
-MODES = ("fp32", "bf16", "decode", "data")
-TRAIN_MODES = ("fp32", "bf16")
-PEERS = dict.fromkeys(("fp32", "bf16", "decode"), "transformers") | {"data": "nanogpt"}
-LABELS = {"fp32": "train fp32", "bf16": "train bf16", "decode": "decode", "data": "data loader"}
+DTYPES = ("fp32", "bf16")
+TRAIN_MODES = ("fp32", "fp32" + COMPILED, "bf16", "bf16" + COMPILED)
+MODES = (*TRAIN_MODES, "decode", "data")  # table order
+DEFAULT_MODES = ("fp32", "bf16", "decode", "data")  # compiling takes minutes: opt-in
+PEERS = dict.fromkeys((*TRAIN_MODES, "decode"), "transformers") | {"data": "nanogpt"}
+LABELS = {m: f"train {m.replace('-', ' ')}" for m in TRAIN_MODES}
+LABELS |= {"decode": "decode", "data": "data loader"}
 PEER_NAMES = {"transformers": "transformers", "nanogpt": "nanoGPT get_batch"}
 # (warmup, timed) steps / decode runs / data rounds per mode: with --quick, without
-STEPS = {"fp32": ((2, 4), (3, 10)), "decode": ((1, 3), (1, 7)), "data": ((1, 5), (2, 10))}
-STEPS["bf16"] = STEPS["fp32"]
+STEPS = dict.fromkeys(TRAIN_MODES, ((2, 4), (3, 10)))
+STEPS |= {"decode": ((1, 3), (1, 7)), "data": ((1, 5), (2, 10))}
 HELP = {
     "quick": "fewer steps and repeats (minutes)",
     "json": "write the results as JSON to PATH (no PATH: JSON to stdout instead of the table)",
     "threads": "torch threads per worker",
     "repeats": "worker processes per cell, order alternating (default 1 with --quick, else 2)",
-    "modes": f"comma-separated subset of {','.join(MODES)} (default: all)",
+    "modes": f"comma-separated subset of {','.join(MODES)}, or all (default "
+    f"{','.join(DEFAULT_MODES)}; the -compile modes spend ~1 min per cell compiling)",
     "preset": f"model preset (default {DEFAULT_PRESET}; tiny-llama for a fast run)",
     "steps": "timed train steps / decode runs / data rounds per worker (default 4/3/5 with "
     "--quick, else 10/7/10)",
@@ -79,9 +101,9 @@ HELP = {
     "cores during it; the least disturbed run counts",
     "other": "other processes' CPU tolerated by --retries (default 0.25 cores)",
 }
-HEADER = (  # columns: 12 13 13 9 10 8 7
-    "                  stoker         peer    ratio    stoker    peer  other\n"
-    "mode               tok/s        tok/s      s/p      mm %    mm %  cores  peer"
+HEADER = (  # columns: 19 13 13 9 10 8 7
+    "                         stoker         peer    ratio    stoker    peer  other\n"
+    "mode                      tok/s        tok/s      s/p      mm %    mm %  cores  peer"
 )
 
 
@@ -115,12 +137,15 @@ def spawn(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     threads = str(args.threads)
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
     env["TOKENIZERS_PARALLELISM"] = "false"
+    if spec["mode"].endswith(COMPILED):  # a cold compile: no graphs cached by earlier workers
+        cache = tempfile.mkdtemp(prefix="inductor-", dir=spec["data_dir"])  # the run's temp dir
+        env["TORCHINDUCTOR_CACHE_DIR"] = cache
     cmd = [sys.executable, "-m", "stoker.bench_workers", json.dumps(spec)]
     if args.wait_idle:
         wait_idle(args.wait_idle)
     what = ",".join(spec["dtypes"]) if spec["impl"] == "matmul" else spec["mode"]
     name = f"{spec['impl']} {what}"
-    print(f"  {name:24s} ...", end=" ", file=sys.stderr, flush=True)
+    print(f"  {name:26s} ...", end=" ", file=sys.stderr, flush=True)
     before, t0 = cpu_seconds(), time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall, after = time.perf_counter() - t0, cpu_seconds()
@@ -155,9 +180,9 @@ def steps_for(mode: str, args: argparse.Namespace) -> tuple[int, int]:
     return (warmup if args.warmup is None else args.warmup), (args.steps or steps)
 
 
-def run_all(args: argparse.Namespace, modes: list[str], data_dir: str) -> dict[tuple, list]:
+def run_all(args: argparse.Namespace, modes: list[str], tmp: str) -> dict[tuple, list]:
     """Every worker's results by (impl, mode), alternating stoker/peer order per repeat."""
-    dtypes = [m for m in TRAIN_MODES if m in modes]
+    dtypes = [d for d in DTYPES if any(train_variant(m)[0] == d for m in modes)]
     common = {"quick": args.quick, "preset": args.preset, "threads": args.threads}
     runs: dict[tuple, list] = {}
     peer_missing = None  # set once a transformers worker could not import it
@@ -172,7 +197,7 @@ def run_all(args: argparse.Namespace, modes: list[str], data_dir: str) -> dict[t
             if impl == "transformers" and peer_missing:
                 runs[(impl, mode)] = [peer_missing]  # known already: don't spawn again
                 continue
-            spec = {"impl": impl, "mode": mode, "dtypes": dtypes, "data_dir": data_dir, **common}
+            spec = {"impl": impl, "mode": mode, "dtypes": dtypes, "data_dir": tmp, **common}
             spec["warmup"], spec["steps"] = steps_for(mode, args)
             result = measure(spec, args)
             if "missing" in result:
@@ -182,18 +207,30 @@ def run_all(args: argparse.Namespace, modes: list[str], data_dir: str) -> dict[t
 
 
 def summarize_row(mode: str, runs: dict, matmul: dict[str, float], fpt: float) -> dict:
-    """Medians over repeats, ratio stoker/peer, fractions of the matmul rate."""
+    """Medians over repeats, ratio stoker/peer, fractions of the matmul rate, warm-up seconds;
+    a compiled mode's speedup over its eager mode (`*_vs_eager`) when that ran too."""
     peer = PEERS[mode]
-    med = lambda impl: statistics.median(r["tokens_per_s"] for r in runs[(impl, mode)])
+
+    def med(impl: str, key: str = "tokens_per_s", m: str = mode) -> float:
+        return statistics.median(r[key] for r in runs[(impl, m)])
+
     missing = runs[(peer, mode)][0].get("missing")
     row: dict[str, Any] = {"mode": mode, "peer": peer, "peer_missing": missing}
     row["stoker_tokens_per_s"] = med("stoker")
     row["peer_tokens_per_s"] = None if missing else med(peer)
     row["ratio"] = None if missing else row["stoker_tokens_per_s"] / row["peer_tokens_per_s"]
     if mode in TRAIN_MODES:
-        for side in ("stoker", "peer"):
+        dtype, compiled = train_variant(mode)
+        for side, impl in (("stoker", "stoker"), ("peer", peer)):
             rate = row[f"{side}_tokens_per_s"]
-            row[f"{side}_mm_frac"] = None if rate is None else rate * fpt / matmul[mode]
+            row[f"{side}_mm_frac"] = None if rate is None else rate * fpt / matmul[dtype]
+            row[f"{side}_warmup_s"] = None if rate is None else med(impl, "warmup_s")
+            if compiled:
+                eager = None if rate is None or (impl, dtype) not in runs else med(impl, m=dtype)
+                row[f"{side}_vs_eager"] = None if eager is None else rate / eager
+        cells = [r for impl in ("stoker", peer) for r in runs[(impl, mode)]]
+        row["timed_graphs"] = max(r.get("timed_graphs", 0) for r in cells)
+        row["warmup_steps"] = cells[0]["warmup_steps"]
     others = [r.get("other_cores", 0.0) for impl in ("stoker", peer) for r in runs[(impl, mode)]]
     row["other_cores"] = max(others)
     return row
@@ -204,7 +241,8 @@ def summarize(runs: dict, modes: list[str], cfg: Any, args: argparse.Namespace) 
     from stoker.scaling.flops import flops_per_token
 
     fpt = flops_per_token(cfg, cfg.max_seq_len)
-    matmul = {d: max(r[d] for r in runs[("matmul", "matmul")]) for d in TRAIN_MODES if d in modes}
+    dtypes = {train_variant(m)[0] for m in modes if m in TRAIN_MODES}
+    matmul = {d: max(r[d] for r in runs[("matmul", "matmul")]) for d in DTYPES if d in dtypes}
     rows = [summarize_row(mode, runs, matmul, fpt) for mode in modes]
     train = {r["mode"]: r["stoker_tokens_per_s"] for r in rows if r["mode"] in TRAIN_MODES}
     checks = {}
@@ -279,24 +317,54 @@ def print_table(s: dict[str, Any]) -> None:
     print("\n".join(setup))
     print(HEADER)
     for r in s["rows"]:
-        print(f"{LABELS[r['mode']]:12s}{_cells(r)}  {r['peer_missing'] or PEER_NAMES[r['peer']]}")
-    for key, (a, b) in s["checks"].items():
+        print(f"{LABELS[r['mode']]:19s}{_cells(r)}  {r['peer_missing'] or PEER_NAMES[r['peer']]}")
+    print_notes(s)
+
+
+def print_notes(s: dict[str, Any]) -> None:
+    """The lines under the table: checks, compiled vs eager, warnings, loader headroom."""
+    checks = s["checks"]
+    for key, (a, b) in checks.items():
         if key.startswith("tokens"):
             same = sum(x == y for x, y in zip(a, b, strict=True))
             print(f"check: greedy tokens equal in {same}/{len(a)} positions")
-        else:
-            print(f"check: first-step {key.removeprefix('loss0_')} loss {a:.5f} vs {b:.5f}")
+            continue
+        mode = key.removeprefix("loss0_")
+        eager = checks.get(f"loss0_{train_variant(mode)[0]}") if mode.endswith(COMPILED) else None
+        also = "" if eager is None else f" (eager {eager[0]:.6f} vs {eager[1]:.6f})"
+        print(f"check: first-step {mode} loss {a:.6f} vs {b:.6f}{also}")
+    for r in s["rows"]:
+        if r["mode"].endswith(COMPILED):
+            print(compile_line(r))
     if any((r.get(f"{side}_mm_frac") or 0) > 1 for r in s["rows"] for side in ("stoker", "peer")):
         print(
             "note: mm % above 100%: the machine ran slower while the matmul rate was measured "
             "(best of the runs); rerun, or use --repeats / --wait-idle"
         )
     for r in s["rows"]:
+        if r.get("timed_graphs"):
+            print(
+                f"note: {r['mode']}: {r['timed_graphs']} graph(s) compiled during the timed "
+                "steps (recompilation); raise --warmup"
+            )
         if r.get("train_multiple") is not None:
             print(
                 f"data: TokenWindows.batch delivers {r['train_multiple']:,.0f}x the stoker "
-                f"train {r['train_mode']} rate (under ~10x, loading would slow training)"
+                f"train {r['train_mode']} rate (a loader under ~10x the training rate would "
+                "slow training)"
             )
+
+
+def compile_line(r: dict[str, Any]) -> str:
+    """`compile fp32: stoker 1.32x eager, ...; warm-up ... stoker 41.2 s, ...` for one row."""
+    dtype, peer = train_variant(r["mode"])[0], PEER_NAMES[r["peer"]]
+    sides = (("stoker", "stoker"), ("peer", peer))
+    fmt = lambda v, f: "-" if v is None else format(v, f)
+    line = f"compile {dtype}: "
+    if r.get("stoker_vs_eager") is not None:  # the eager mode of this dtype ran too
+        line += ", ".join(f"{n} {fmt(r[f'{k}_vs_eager'], '.2f')}x eager" for k, n in sides) + "; "
+    times = ", ".join(f"{n} {fmt(r[f'{k}_warmup_s'], '.1f')} s" for k, n in sides)
+    return line + f"warm-up ({r['warmup_steps']} step(s), compiling included) {times}"
 
 
 def check_args(args: argparse.Namespace) -> list[str]:
@@ -304,9 +372,12 @@ def check_args(args: argparse.Namespace) -> list[str]:
     from stoker.config import PRESETS
 
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    modes = list(MODES) if "all" in modes else modes
     bad = [m for m in modes if m not in MODES] or ([] if modes else ["(none)"])
     if bad:
-        raise StokerError(f"--modes: unknown mode {','.join(bad)}; choose from {','.join(MODES)}")
+        raise StokerError(
+            f"--modes: unknown mode {','.join(bad)}; choose from {','.join(MODES)}, or all"
+        )
     if args.preset not in PRESETS:
         raise StokerError(f"--preset {args.preset}: unknown preset; known: {', '.join(PRESETS)}")
     lows = dict.fromkeys(("threads", "repeats", "steps"), 1)
@@ -315,6 +386,8 @@ def check_args(args: argparse.Namespace) -> list[str]:
         value = getattr(args, name)
         if value is not None and value < low:
             raise StokerError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+    if args.warmup == 0 and any(m.endswith(COMPILED) for m in modes):
+        raise StokerError("--warmup must be >= 1 with a -compile mode (compiling is warm-up)")
     if args.json not in (None, "-") and not Path(args.json).parent.is_dir():
         raise StokerError(f"--json {args.json}: directory {Path(args.json).parent} does not exist")
     return [m for m in MODES if m in modes]
@@ -348,7 +421,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help=HELP["json"])
     p.add_argument("--threads", **n, default=cores, help=f"{HELP['threads']} (default {cores})")
     p.add_argument("--repeats", **n, help=HELP["repeats"])
-    p.add_argument("--modes", default=",".join(MODES), help=HELP["modes"])
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=HELP["modes"])
     p.add_argument("--preset", default=DEFAULT_PRESET, help=HELP["preset"])
     p.add_argument("--steps", **n, help=HELP["steps"])
     p.add_argument("--warmup", **n, help=HELP["warmup"])

@@ -1,8 +1,9 @@
 """What one `stoker bench` worker process measures (`python -m stoker.bench_workers SPEC`
-prints `RESULT {json}`): the two models built with the same weights, timed training steps,
-greedy decoding, the matmul rate, and the data loaders on a synthetic shard dir. The
-methods and the peers are described in `stoker.bench`. torch is imported inside the functions,
-so the parent process (and `stoker bench --help`) can import this module without it.
+prints `RESULT {json}`): the two models built with the same weights, timed training steps
+(eager or under `torch.compile`), greedy decoding, the matmul rate, and the data loaders on a
+synthetic shard dir. The methods and the peers are described in `stoker.bench`. torch is
+imported inside the functions, so the parent process (and `stoker bench --help`) can import
+this module without it.
 """
 
 from __future__ import annotations
@@ -22,6 +23,12 @@ BATCH, PROMPT, NEW_TOKENS = 8, 32, 128
 MATMUL_N = 2048
 DATA_BATCHES = 1000  # batches per timed round of the data mode
 MISSING = "transformers not installed"
+COMPILED = "-compile"  # suffix of the training modes whose model runs under torch.compile
+
+
+def train_variant(mode: str) -> tuple[str, bool]:
+    """(dtype, compiled) of a training mode: `bf16-compile` -> ("bf16", True)."""
+    return mode.removesuffix(COMPILED), mode.endswith(COMPILED)
 
 
 # ------------------------------------------------------------------------------ models
@@ -37,9 +44,13 @@ def decode_lengths(cfg: ModelConfig) -> tuple[int, int]:
     return prompt, min(NEW_TOKENS, cfg.max_seq_len - prompt)
 
 
-def build(impl: str, cfg: ModelConfig) -> tuple[Any, Callable[..., Any]]:
+def build(impl: str, cfg: ModelConfig, use_compile: bool = False) -> tuple[Any, Callable[..., Any]]:
     """(model, loss(ids, targets)) with each impl's own loss code; transformers gets a copy of
-    stoker's initial weights through the project's converter."""
+    stoker's initial weights through the project's converter. With `use_compile` the loss calls
+    `torch.compile(model)`, as each side's trainer does: `stoker train --train.compile=true`
+    compiles the forward and keeps `lm_loss` outside; HF Trainer's `torch_compile=True` has
+    accelerate wrap the model in `torch.compile` (inductor, default mode), and the loss is
+    computed inside the model's forward."""
     import torch
 
     from stoker.models.gpt import build_model, lm_loss
@@ -47,7 +58,8 @@ def build(impl: str, cfg: ModelConfig) -> tuple[Any, Callable[..., Any]]:
     torch.manual_seed(0)
     ours = build_model(cfg)
     if impl == "stoker":
-        return ours, lambda ids, targets: lm_loss(ours(ids), targets)
+        fwd = torch.compile(ours) if use_compile else ours
+        return ours, lambda ids, targets: lm_loss(fwd(ids), targets)
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from stoker.models.hf import hf_config_from, state_dict_to_hf
@@ -63,8 +75,10 @@ def build(impl: str, cfg: ModelConfig) -> tuple[Any, Callable[..., Any]]:
     if keys.unexpected_keys or keys.missing_keys != tied:
         raise RuntimeError(f"weights do not match the transformers model: {keys}")
 
+    call = torch.compile(hf) if use_compile else hf
+
     def hf_loss(ids, targets):  # HF's causal-LM loss; the targets are shifted already
-        return hf(input_ids=ids, labels=targets, shift_labels=targets, use_cache=False).loss
+        return call(input_ids=ids, labels=targets, shift_labels=targets, use_cache=False).loss
 
     return hf, hf_loss
 
@@ -88,11 +102,16 @@ def run_matmul(dtype_name: str, reps: int) -> float:
 
 
 def run_train(impl: str, mode: str, cfg: ModelConfig, warmup: int, steps: int) -> dict[str, Any]:
+    """Median step time after `warmup` steps (their total is `warmup_s`: in the compiled modes
+    it includes compiling the forward and backward graphs). `timed_graphs`: graphs dynamo
+    compiled during the timed steps (recompilation; 0 when the warmup covered it)."""
     import contextlib
 
     import torch
+    from torch._dynamo.utils import counters
 
-    model, loss_fn = build(impl, cfg)
+    dtype, compiled = train_variant(mode)
+    model, loss_fn = build(impl, cfg, use_compile=compiled)
     model.train()
     from stoker.config import OptimConfig
     from stoker.train.optim import build_optimizer, param_groups
@@ -107,9 +126,11 @@ def run_train(impl: str, mode: str, cfg: ModelConfig, warmup: int, steps: int) -
     data = torch.randint(0, cfg.vocab_size, (BATCH, T + 1), generator=gen)
     ids, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # (B, T) each
     bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
-    autocast = bf16 if mode == "bf16" else contextlib.nullcontext
-    times, losses = [], []
-    for _ in range(warmup + steps):
+    autocast = bf16 if dtype == "bf16" else contextlib.nullcontext
+    times, losses, graphs = [], [], 0
+    for i in range(warmup + steps):
+        if i == warmup:
+            graphs = counters["stats"]["unique_graphs"]
         t0 = time.perf_counter()
         with autocast():
             loss = loss_fn(ids, targets)
@@ -119,9 +140,10 @@ def run_train(impl: str, mode: str, cfg: ModelConfig, warmup: int, steps: int) -
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     step_s = statistics.median(times[warmup:])
-    return {"tokens_per_s": BATCH * T / step_s, "step_s": step_s, "loss0": losses[0]} | {
-        "step_times": times[warmup:]
-    }
+    result = {"tokens_per_s": BATCH * T / step_s, "step_s": step_s, "loss0": losses[0]}
+    result["timed_graphs"] = counters["stats"]["unique_graphs"] - graphs
+    result |= {"warmup_steps": warmup, "warmup_s": sum(times[:warmup])}
+    return result | {"step_times": times[warmup:]}
 
 
 def run_decode(impl: str, cfg: ModelConfig, warmup: int, repeats: int) -> dict[str, Any]:
