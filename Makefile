@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/stoker bench
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

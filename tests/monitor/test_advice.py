@@ -54,6 +54,11 @@ def test_fp32_on_bf16_gpu_suggests_bf16():
     assert fp32_on_bf16_device(Signals(device_type="cuda", precision="fp32")) is None  # e.g. V100
     assert fp32_on_bf16_device(Signals(**GPU)) is None  # already bf16
     assert fp32_on_bf16_device(Signals(device_type="cpu", precision="fp32")) is None
+    # CPUs with native bf16: only from d_model 256 up (the tiny demo gains 1.1x)
+    cpu = dict(device_type="cpu", precision="fp32", bf16_supported=True)
+    assert fp32_on_bf16_device(Signals(**cpu, d_model=128)) is None
+    msg = fp32_on_bf16_device(Signals(**cpu, d_model=384))
+    assert msg is not None and "train.precision=bf16" in msg and "d_model=384" in msg
 
 
 def test_compile_off_on_long_cuda_run_suggests_compile():
