@@ -66,3 +66,19 @@ def test_tokenizing_inside_the_run_feeds_the_tokenization_advice(make_args, tmp_
     assert any(a.startswith("tokenization (") for a in first["advice"])
     again = run("b")  # finds it up to date
     assert not any(a.startswith("tokenization (") for a in again["advice"])
+
+
+def test_measured_advice_is_printed_once_when_it_first_fires(make_args, tmp_path, monkeypatch,
+                                                             capsys):
+    """With the data-bound threshold forced below any measurement, the rule fires at the
+    second log step: printed then, not at every later step, and again in the summary."""
+    from stoker.monitor import advice
+
+    monkeypatch.setattr(advice, "DATA_BOUND", -1.0)
+    summary = train(load_config(None, make_args("--train.max_steps=6",
+                                                "--train.eval_interval=0")))
+    out = capsys.readouterr().out
+    assert out.count("stoker: advice: data-bound") == 2  # when triggered + run summary
+    during, _, after = out.partition("stoker: advice: data-bound")
+    assert "stoker: done" not in during and "stoker: done" in after
+    assert any(a.startswith("data-bound") for a in summary["advice"])

@@ -267,8 +267,9 @@ def _build_meta(
     }
 
 
-def prepare(cfg: RecipeConfig) -> dict[str, Any]:
-    """Prepare `cfg.data.dir` (or find it up to date); the meta.json dict."""
+def prepare(cfg: RecipeConfig, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Prepare `cfg.data.dir` (or find it up to date); the meta.json dict. `stats`, if given,
+    receives `tokens_per_second` when this call tokenized (for the training loop's advice)."""
     data, data_dir = cfg.data, Path(cfg.data.dir)
     files = resolve_sources(data.sources)
     fp = fingerprint(data, files)
@@ -306,8 +307,9 @@ def prepare(cfg: RecipeConfig) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
     total = sum(s["tokens"] for s in splits.values())
     log(f"wrote {data_dir}: {_summary(meta)}; {total / max(seconds, 1e-9):,.0f} tokens/s")
-    # not in meta.json: tells the caller (the training loop's advice) tokenizing happened now
-    return {**meta, "tokenized_now": True}
+    if stats is not None:
+        stats["tokens_per_second"] = total / max(seconds, 1e-9)
+    return meta
 
 
 def _summary(meta: dict[str, Any]) -> str:

@@ -197,9 +197,22 @@ def signals_for_run(
     return s
 
 
-def print_advice(lines: list[str]) -> None:
+def print_advice(lines: list[str], write=None) -> None:
     for line in lines:
-        print(f"stoker: advice: {line}", flush=True)
+        (write or (lambda m: print(m, flush=True)))(f"stoker: advice: {line}")
+
+
+class AdviceOnce:
+    """During a run: each rule's advice is printed the first time it fires (a rule is named
+    by its message's prefix, e.g. "data-bound"), not again at every log step."""
+
+    def __init__(self) -> None:
+        self.told: set[str] = set()
+
+    def new(self, lines: list[str]) -> list[str]:
+        fresh = [line for line in lines if line.split(":", 1)[0] not in self.told]
+        self.told.update(line.split(":", 1)[0] for line in fresh)
+        return fresh
 
 
 def check_advice(checks: dict[str, Any]) -> list[str]:

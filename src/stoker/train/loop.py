@@ -22,7 +22,7 @@ from stoker.api import build_model
 from stoker.config import RecipeConfig, dump_config
 from stoker.errors import StokerError
 from stoker.models.gpt import lm_loss
-from stoker.monitor.advice import advise, print_advice, signals_for_run
+from stoker.monitor.advice import AdviceOnce, advise, print_advice, signals_for_run
 from stoker.monitor.system import start_monitor
 from stoker.train import distributed as D
 from stoker.train.guard import NonFiniteGuard
@@ -116,16 +116,14 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
 
     t, info = cfg.train, D.init_distributed(cfg.train.device, cfg.dist.backend)
     out = Path(t.out_dir)
+    prep_stats: dict[str, float] = {}  # tokens/s, if this run tokenized the corpus itself
     if info.is_main:
         check_out_dir(out)
         (out / "config.yaml").write_text(dump_config(cfg))
         print(f"stoker: training {cfg.recipe} on {info.device} × {info.world}, "
               f"writing {out}\n{dump_config(cfg)}", flush=True)
-        meta = prepare(cfg)
+        meta = prepare(cfg, prep_stats)
     D.barrier(info)
-    tokenize_rate = None  # tokens/s of a tokenization this run did itself (for the advice)
-    if info.is_main and meta.get("tokenized_now") and meta.get("tokenize_seconds"):
-        tokenize_rate = sum(s["tokens"] for s in meta["splits"].values()) / meta["tokenize_seconds"]
     if not info.is_main:
         meta = load_meta(cfg.data.dir)
     check_vocab(meta, cfg.model.vocab_size)
@@ -167,11 +165,13 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     meter = Throughput(cfg, seq_len, info, precision)
     bar = progress_bar(step, t.max_steps, info.is_main)
     stopped, last_val, loss_mean = None, None, None
+    live_advice = AdviceOnce()  # advice printed at the start, then when a rule first fires
     if info.is_main:  # config-level advice (nothing measured yet)
         print(f"stoker: data loading: {loading['num_workers']} worker(s), pin_memory "
               f"{loading['pin_memory']}" + (f", prefetch {loading['prefetch_factor']} per worker"
                                             if loading["num_workers"] else ""), flush=True)
-        print_advice(advise(signals_for_run(cfg, info.device, precision, info.world)))
+        print_advice(live_advice.new(advise(signals_for_run(cfg, info.device, precision,
+                                                            info.world))))
 
     def save(step: int) -> None:
         train_data.next_step = step  # batches are built ahead (workers); the saved position
@@ -231,6 +231,11 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
                 tracker.log(row)
                 bar.set_postfix_str(meter.postfix(row) + "".join(f" {k} {v:.3g}" for k, v in
                                         extra.items()) + monitor.postfix(row), refresh=False)
+                if info.is_main and step > t.log_interval:  # the first window includes warm-up
+                    print_advice(live_advice.new(advise(signals_for_run(
+                        cfg, info.device, precision, info.world,
+                        {"data_wait": row["data_wait"], "num_workers": loading["num_workers"]}))),
+                        bar.write)
             bar.update(1)
 
             if eval_now:
@@ -258,7 +263,8 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
                "monitor_overhead": monitor.cost_seconds / max(meter.elapsed(), 1e-9)}
     summary["advice"] = advise(signals_for_run(cfg, info.device, precision, info.world, {
         "data_wait": monitor.data_wait, "tokens_per_second": summary["tokens_per_second"],
-        "tokenize_tokens_per_second": tokenize_rate, "num_workers": loading["num_workers"]}))
+        "tokenize_tokens_per_second": prep_stats.get("tokens_per_second"),
+        "num_workers": loading["num_workers"]}))
     if info.is_main:
         print_advice(summary["advice"])
     tracker.summary(summary)
