@@ -1,8 +1,9 @@
 """`stoker bench`: the reported ratios and matmul fractions recomputed from the reported numbers
 and an independent FLOPs count, the same function on both sides (first-step loss, greedy
 tokens), a run without `transformers`, the mode selection (compiled modes opt-in, `all`), the
-compiled rows' speedup and warm-up summaries from given worker results, and every bad-argument
-path. Timings are never asserted. The end-to-end runs (marked slow) use tiny-llama with 2 timed
+compiled rows' speedup and warm-up summaries from given worker results, the device choice (the
+runs here are on CPU; a CUDA summary is checked from given worker results), and every
+bad-argument path. Timings are never asserted. The end-to-end runs (marked slow) use tiny-llama with 2 timed
 steps per worker; a compiled run is not among them (a cold compile of both models takes ~100 s
 on 2 cores).
 """
@@ -17,7 +18,16 @@ import sys
 import pytest
 import torch
 
-from stoker.bench import DEFAULT_MODES, MODES, add_arguments, check_args, print_table, summarize
+from stoker.bench import (
+    DEFAULT_MODES,
+    MODES,
+    add_arguments,
+    check_args,
+    print_table,
+    resolve_device,
+    summarize,
+)
+from stoker.bench_workers import cpu_name
 from stoker.cli import main
 from stoker.config import ModelConfig
 from stoker.scaling.flops import count_params, flops_per_token
@@ -54,6 +64,15 @@ def test_rows_in_mode_order_with_their_peers(summary):
     assert summary["settings"]["batch"] == 8 and summary["settings"]["seq_len"] == 128
     assert summary["settings"]["threads"] == 1
     assert all(r["threads"] == 1 for runs in summary["runs"].values() for r in runs)
+
+
+@pytest.mark.slow
+def test_run_names_its_device_and_measures_matmul_at_the_cpu_size(summary):
+    assert summary["device"] == "cpu" and summary["settings"]["device"] == "cpu"
+    assert summary["device_name"] == cpu_name() != ""
+    assert all(r["device"] == "cpu" for runs in summary["runs"].values() for r in runs)
+    assert summary["settings"]["matmul_n"] == 2048
+    assert summary["matmul_tf32"] is None and summary["peak_flops_per_s"] == {}
 
 
 @pytest.mark.slow
@@ -129,6 +148,8 @@ def test_table_shows_rates_ratios_fractions_and_checks(summary, capsys):
     mm = summary["matmul_flops_per_s"]["fp32"]
     assert f"GFLOP/s: fp32 {mm / 1e9:.0f}" in out and "threads 1," in out
     assert f"torch {torch.__version__}" in out and "preset tiny-llama" in out
+    assert f"stoker bench: cpu {summary['device_name']}, preset tiny-llama, threads 1, " in out
+    assert "host ops only" not in out and "on the GPU" not in out
     lines = {line.split("  ")[0]: line for line in out.splitlines()}
     fp32 = summary["rows"][0]
     assert f"{fp32['ratio']:.2f}x" in lines["train fp32"]
@@ -175,6 +196,7 @@ def test_without_transformers_the_stoker_column_still_runs(tmp_path):
         (["--retries", "-2"], "--retries must be >= 0"),
         (["--wait-idle", "-1"], "--wait-idle must be >= 0"),
         (["--threads", "two"], "invalid int value: 'two'"),
+        (["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
         (["--json", "/nonexistent/dir/b.json"], "directory /nonexistent/dir does not exist"),
         (["--bogus"], "unrecognized arguments: --bogus"),
     ],
@@ -184,6 +206,36 @@ def test_bad_argument_is_one_line_exit_2(args, message, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert message in captured.err and captured.err.count("\n") == 1
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_device_cuda_without_cuda_is_one_line_exit_2(capsys):
+    assert main(["bench", "--device", "cuda", *FAST]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err == (
+        "stoker: error: --device cuda: CUDA is not available; use --device cpu\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("cpu", "cpu"),
+        pytest.param(
+            "auto",
+            "cpu",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="auto is cuda here"),
+        ),
+        pytest.param(
+            "auto",
+            "cuda",
+            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA here"),
+        ),
+    ],
+)
+def test_device_resolves_auto_to_cuda_only_when_available(name, expected):
+    assert resolve_device(name) == expected
 
 
 def bench_args(*argv: str) -> argparse.Namespace:
@@ -239,7 +291,7 @@ def compiled_summary(modes: list[str], timed_graphs: int = 0) -> dict:
     runs[("transformers", "bf16-compile")] = [train_run(1000.0, 35.5, 6.2500102)]
     runs = {key: v for key, v in runs.items() if key[1] in (*modes, "matmul")}
     args = bench_args("--preset", "tiny-llama", "--modes", ",".join(modes), "--quick")
-    args.repeats = 1
+    args.repeats, args.device = 1, "cpu"
     return summarize(runs, modes, ModelConfig(preset="tiny-llama"), args)
 
 
@@ -277,3 +329,29 @@ def test_compiled_row_without_eager_mode_gives_warmup_only_and_flags_recompiles(
     assert "compile bf16: warm-up (2 step(s), compiling included) stoker 41.0 s" in out
     assert "check: first-step bf16-compile loss 6.250000 vs 6.250010\n" in out
     assert "note: bf16-compile: 1 graph(s) compiled during the timed steps" in out
+
+
+def test_cuda_summary_names_the_gpu_and_its_datasheet_peak_beside_the_measured_rate(capsys):
+    gpu = dict(device="cuda", device_name="NVIDIA H100 80GB HBM3", host="Some Xeon")
+    runs = {("matmul", "matmul"): [{"fp32": 5.1e13, "bf16": 7.5e14, "tf32": False, **gpu}]}
+    for mode, rate in (("fp32", 1e5), ("bf16", 3e5)):
+        runs[("stoker", mode)] = [train_run(rate, 2.0, 6.25) | gpu]
+        runs[("transformers", mode)] = [train_run(rate / 1.5, 3.0, 6.25) | gpu]
+    runs[("stoker", "data")] = [{"tokens_per_s": 6e7, **gpu}]
+    runs[("nanogpt", "data")] = [{"tokens_per_s": 2e7, **gpu}]
+    args = bench_args("--preset", "tiny-llama", "--threads", "16")
+    args.repeats, args.device = 1, "cuda"
+    s = summarize(runs, ["fp32", "bf16", "data"], ModelConfig(preset="tiny-llama"), args)
+    assert (s["device"], s["device_name"], s["matmul_tf32"]) == ("cuda", gpu["device_name"], False)
+    assert s["peak_flops_per_s"] == {"fp32": None, "bf16": 989e12}  # H100 SXM; no fp32 figure
+    _, bf16, data = s["rows"]
+    assert bf16["stoker_mm_frac"] == pytest.approx(3e5 * s["flops_per_token"] / 7.5e14)
+    assert data["train_mode"] == "bf16" and data["train_multiple"] == pytest.approx(6e7 / 3e5)
+    print_table(s)
+    out = capsys.readouterr().out
+    assert (
+        "stoker bench: cuda NVIDIA H100 80GB HBM3 (host Some Xeon), preset tiny-llama, "
+        "threads 16 (host ops only), "
+    ) in out
+    assert "matmul 8192^3 TFLOP/s: fp32 51.0 (TF32 off), bf16 750.0 / datasheet 989\n" in out
+    assert "delivers 200x the stoker train bf16 rate on the GPU (a loader under" in out

@@ -1,8 +1,9 @@
 """`stoker bench`: stoker's decoder and data loader against what a user would otherwise run,
 side by side on this machine.
 
-    stoker bench [--quick] [--json [PATH]] [--threads N] [--repeats R] [--preset NAME]
-                 [--modes fp32,bf16,decode,data | all] [--wait-idle SECONDS] [--retries N]
+    stoker bench [--quick] [--json [PATH]] [--device auto|cpu|cuda] [--threads N] [--repeats R]
+                 [--preset NAME] [--modes fp32,bf16,decode,data | all] [--wait-idle SECONDS]
+                 [--retries N]
     make bench                     # = .venv/bin/python benchmarks/bench_model.py = stoker bench
 
 The model is a preset (default `bench-llama`: 6 layers, d 384, 6 heads / 2 KV heads, d_ff
@@ -12,16 +13,21 @@ copy of stoker's initial weights (`models.hf.state_dict_to_hf`), so both compute
 function: the first-step losses and the greedy tokens are printed as a check. Every
 (impl, mode) runs in its own subprocess (`python -m stoker.bench_workers SPEC`; that module
 holds the timed code) with the same torch thread count, so no allocator, oneDNN cache or
-thread-pool state is shared; with `--repeats` > 1 the order alternates.
+thread-pool state is shared; with `--repeats` > 1 the order alternates. `--device` (default
+auto: cuda when torch sees a GPU, else cpu) holds the models, inputs, KV caches and optimizer
+state; on CUDA every timed step, decode run and matmul starts and ends with
+`torch.cuda.synchronize()`, and `--threads` sets the torch threads of host-side ops only.
 
 - fp32 / bf16 (training step): forward, cross-entropy (each impl's own loss code), backward,
   AdamW step (fused in both: stoker's `build_optimizer`, and `adamw_torch_fused`, HF Trainer's
   default for torch >= 2.8, with the same decay groups) on batch 8 × T = max_seq_len; bf16 is
-  `torch.autocast("cpu", dtype=torch.bfloat16)` over fp32 weights. Warmup steps, then the
+  `torch.autocast(device, dtype=torch.bfloat16)` over fp32 weights. Warmup steps, then the
   median step time. Achieved FLOP/s (`scaling.flops.flops_per_token`: 6N + 12·L·H·Q·T per
   token, N = all parameters; Kaplan et al. 2020, PaLM appendix B) is shown as a fraction of
-  this machine's matmul rate in that dtype: the best of several 2048×2048 matmuls, measured in
-  its own subprocess before and after the model cells.
+  this machine's matmul rate in that dtype: the best of several 2048×2048 matmuls (8192×8192 on
+  a GPU), measured in its own subprocess before and after the model cells. On CUDA fp32 runs
+  with torch's TF32 setting left at its default (the header says which), and where
+  `scaling.hardware` knows the GPU its datasheet peak is printed next to the measured rate.
 - fp32-compile / bf16-compile (opt-in: `--modes ...,bf16-compile` or `--modes all`): the same
   step with each model under `torch.compile` as its trainer applies it: `stoker train
   --train.compile=true` compiles the forward and keeps `lm_loss` outside; HF Trainer's
@@ -39,13 +45,14 @@ thread-pool state is shared; with `--repeats` > 1 the order alternates.
   (np.memmap opened per batch, offsets from torch.randint, torch.stack of int64 copies) on the
   same file. It is also given as a multiple of the fastest stoker training rate of the same
   run: the loader's headroom (a loader under ~10× the training rate would show in the step
-  time).
+  time). It is a host measurement on every device; on CUDA the multiple is of the GPU's rate.
 
 Ratios are stoker / peer (> 1: stoker faster). Without `transformers` the model rows show
 stoker alone. The `other` column is the CPU (in cores) that processes other than the worker
 used while it ran (the worst cell of the row): on a shared machine numbers taken with `other`
 above ~0.2 are not comparable; `--wait-idle` waits for a quiet machine before each worker and
-`--retries` re-runs disturbed workers. A benchmark, never a test assertion.
+`--retries` re-runs disturbed workers. On CUDA it is still host CPU: other processes' use of the
+GPU is not seen. A benchmark, never a test assertion.
 """
 
 from __future__ import annotations
@@ -75,6 +82,7 @@ from stoker.errors import StokerError
 DEFAULT_PRESET = "bench-llama"
 DATA_TOKENS = 4 * 2**20  # tokens in the data mode's train shard
 DTYPES = ("fp32", "bf16")
+DEVICES = ("auto", "cpu", "cuda")
 TRAIN_MODES = ("fp32", "fp32" + COMPILED, "bf16", "bf16" + COMPILED)
 MODES = (*TRAIN_MODES, "decode", "data")  # table order
 DEFAULT_MODES = ("fp32", "bf16", "decode", "data")  # compiling takes minutes: opt-in
@@ -88,7 +96,8 @@ STEPS |= {"decode": ((1, 3), (1, 7)), "data": ((1, 5), (2, 10))}
 HELP = {
     "quick": "fewer steps and repeats (minutes)",
     "json": "write the results as JSON to PATH (no PATH: JSON to stdout instead of the table)",
-    "threads": "torch threads per worker",
+    "threads": "torch threads per worker (on cuda: host-side ops only)",
+    "device": "where the models train and decode (default auto: cuda if available, else cpu)",
     "repeats": "worker processes per cell, order alternating (default 1 with --quick, else 2)",
     "modes": f"comma-separated subset of {','.join(MODES)}, or all (default "
     f"{','.join(DEFAULT_MODES)}; the -compile modes spend ~1 min per cell compiling)",
@@ -180,10 +189,23 @@ def steps_for(mode: str, args: argparse.Namespace) -> tuple[int, int]:
     return (warmup if args.warmup is None else args.warmup), (args.steps or steps)
 
 
+def resolve_device(name: str) -> str:
+    """cpu or cuda for `--device NAME`: auto is cuda when torch sees a GPU; StokerError for cuda
+    without one."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise StokerError("--device cuda: CUDA is not available; use --device cpu")
+    return name
+
+
 def run_all(args: argparse.Namespace, modes: list[str], tmp: str) -> dict[tuple, list]:
     """Every worker's results by (impl, mode), alternating stoker/peer order per repeat."""
     dtypes = [d for d in DTYPES if any(train_variant(m)[0] == d for m in modes)]
     common = {"quick": args.quick, "preset": args.preset, "threads": args.threads}
+    common["device"] = args.device
     runs: dict[tuple, list] = {}
     peer_missing = None  # set once a transformers worker could not import it
     for rep in range(args.repeats):
@@ -237,8 +259,10 @@ def summarize_row(mode: str, runs: dict, matmul: dict[str, float], fpt: float) -
 
 
 def summarize(runs: dict, modes: list[str], cfg: Any, args: argparse.Namespace) -> dict[str, Any]:
-    """The JSON result: settings, versions, matmul rates, one row per mode, checks, raw runs."""
+    """The JSON result: device, settings, versions, matmul rates (with the datasheet peaks of a
+    known GPU), one row per mode, checks, raw runs."""
     from stoker.scaling.flops import flops_per_token
+    from stoker.scaling.hardware import peak_flops
 
     fpt = flops_per_token(cfg, cfg.max_seq_len)
     dtypes = {train_variant(m)[0] for m in modes if m in TRAIN_MODES}
@@ -262,10 +286,17 @@ def summarize(runs: dict, modes: list[str], cfg: Any, args: argparse.Namespace) 
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "overrides", "json")}
     settings.update(batch=BATCH, seq_len=cfg.max_seq_len, data_tokens=DATA_TOKENS)
     settings.update(zip(("prompt", "new_tokens"), decode_lengths(cfg), strict=True))
+    settings.update(matmul_n=MATMUL_N[args.device])
+    name, gpu = version("device_name"), args.device == "cuda"
     return {
         "preset": args.preset,
+        "device": args.device,
+        "device_name": name,
+        "host": version("host"),
         "versions": {"torch": version("torch"), "transformers": version("transformers")},
         "matmul_flops_per_s": matmul,
+        "matmul_tf32": version("tf32"),  # CUDA only: torch's allow_tf32 during the fp32 matmuls
+        "peak_flops_per_s": {d: peak_flops(name, d) for d in matmul} if gpu and name else {},
         "flops_per_token": fpt,
         "rows": rows,
         "checks": checks,
@@ -294,10 +325,12 @@ def _cells(row: dict[str, Any]) -> str:
 
 def print_table(s: dict[str, Any]) -> None:
     """The human-readable result: settings, one row per mode, the checks, loader headroom."""
-    st, mm, v = s["settings"], s["matmul_flops_per_s"], s["versions"]
-    rates = ", ".join(f"{d} {mm[d] / 1e9:.0f}" for d in TRAIN_MODES if d in mm)
+    st, mm, v, gpu = s["settings"], s["matmul_flops_per_s"], s["versions"], s["device"] == "cuda"
+    where = " ".join(filter(None, (s["device"], s["device_name"])))
+    where += f" (host {s['host']})" if gpu and s["host"] else ""
     print(
-        f"\nstoker bench: preset {s['preset']}, threads {st['threads']}, torch {v['torch']}, "
+        f"\nstoker bench: {where}, preset {s['preset']}, threads {st['threads']}"
+        f"{' (host ops only)' if gpu else ''}, torch {v['torch']}, "
         f"transformers {v['transformers'] or 'not installed'}; {st['repeats']} process(es) "
         f"per cell, {'quick' if st['quick'] else 'full'}"
     )
@@ -306,7 +339,7 @@ def print_table(s: dict[str, Any]) -> None:
     if mm:
         setup.append(
             f"train batch {st['batch']} x T {st['seq_len']}, {s['flops_per_token'] / 1e6:.2f} "
-            f"MFLOP/token; matmul {MATMUL_N}^3 GFLOP/s: {rates}"
+            f"MFLOP/token; {matmul_line(s)}"
         )
     if "decode" in modes:
         setup.append(f"decode batch 1, prompt {st['prompt']} + {st['new_tokens']} new")
@@ -319,6 +352,21 @@ def print_table(s: dict[str, Any]) -> None:
     for r in s["rows"]:
         print(f"{LABELS[r['mode']]:19s}{_cells(r)}  {r['peer_missing'] or PEER_NAMES[r['peer']]}")
     print_notes(s)
+
+
+def matmul_line(s: dict[str, Any]) -> str:
+    """`matmul 2048^3 GFLOP/s: fp32 120, bf16 95` on CPU; on CUDA in TFLOP/s with the TF32
+    setting of fp32 and the datasheet peak of each dtype the hardware table has."""
+    mm, n = s["matmul_flops_per_s"], MATMUL_N[s["device"]]
+    if s["device"] != "cuda":
+        return f"matmul {n}^3 GFLOP/s: " + ", ".join(f"{d} {mm[d] / 1e9:.0f}" for d in mm)
+    rates = []
+    for d in mm:
+        tf32 = f" (TF32 {'on' if s['matmul_tf32'] else 'off'})" if d == "fp32" else ""
+        peak = s["peak_flops_per_s"].get(d)
+        known = f" / datasheet {peak / 1e12:.0f}" if peak else ""
+        rates.append(f"{d} {mm[d] / 1e12:.1f}{tf32}{known}")
+    return f"matmul {n}^3 TFLOP/s: " + ", ".join(rates)
 
 
 def print_notes(s: dict[str, Any]) -> None:
@@ -350,8 +398,8 @@ def print_notes(s: dict[str, Any]) -> None:
         if r.get("train_multiple") is not None:
             print(
                 f"data: TokenWindows.batch delivers {r['train_multiple']:,.0f}x the stoker "
-                f"train {r['train_mode']} rate (a loader under ~10x the training rate would "
-                "slow training)"
+                f"train {r['train_mode']} rate{' on the GPU' if s['device'] == 'cuda' else ''} "
+                "(a loader under ~10x the training rate would slow training)"
             )
 
 
@@ -396,6 +444,7 @@ def check_args(args: argparse.Namespace) -> list[str]:
 def bench_command(args: argparse.Namespace) -> int:
     """`stoker bench [--quick] [--json [PATH]] [--modes ...] [--preset NAME] ...`"""
     modes = check_args(args)
+    args.device = resolve_device(args.device)
     args.repeats = args.repeats or (1 if args.quick else 2)
     cfg = model_config(args.preset)
     with tempfile.TemporaryDirectory(prefix="stoker-bench-") as tmp:
@@ -419,6 +468,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = "Each (implementation, mode) runs in its own process; methods: stoker/bench.py."
     p.add_argument("--quick", action="store_true", help=HELP["quick"])
     p.add_argument("--json", nargs="?", const="-", metavar="PATH", help=HELP["json"])
+    p.add_argument("--device", choices=DEVICES, default="auto", help=HELP["device"])
     p.add_argument("--threads", **n, default=cores, help=f"{HELP['threads']} (default {cores})")
     p.add_argument("--repeats", **n, help=HELP["repeats"])
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help=HELP["modes"])

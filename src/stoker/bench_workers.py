@@ -4,11 +4,16 @@ prints `RESULT {json}`): the two models built with the same weights, timed train
 synthetic shard dir. The methods and the peers are described in `stoker.bench`. torch is
 imported inside the functions, so the parent process (and `stoker bench --help`) can import
 this module without it.
+
+The spec's `device` (cpu or cuda) holds the models, inputs, KV caches and optimizer state; CUDA
+kernels run asynchronously, so every timed region starts and ends with `synchronizer(device)`
+(a no-op on CPU). The data loaders are host code and never touch the device.
 """
 
 from __future__ import annotations
 
 import json
+import platform
 import statistics
 import sys
 import time
@@ -20,7 +25,7 @@ if TYPE_CHECKING:
     from stoker.config import ModelConfig
 
 BATCH, PROMPT, NEW_TOKENS = 8, 32, 128
-MATMUL_N = 2048
+MATMUL_N = {"cpu": 2048, "cuda": 8192}  # matmul side per device: 2048 is too small for a GPU
 DATA_BATCHES = 1000  # batches per timed round of the data mode
 MISSING = "transformers not installed"
 COMPILED = "-compile"  # suffix of the training modes whose model runs under torch.compile
@@ -29,6 +34,31 @@ COMPILED = "-compile"  # suffix of the training modes whose model runs under tor
 def train_variant(mode: str) -> tuple[str, bool]:
     """(dtype, compiled) of a training mode: `bf16-compile` -> ("bf16", True)."""
     return mode.removesuffix(COMPILED), mode.endswith(COMPILED)
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    """What to call before reading the clock: wait for queued CUDA kernels; nothing on CPU."""
+    import torch
+
+    return torch.cuda.synchronize if device == "cuda" else lambda: None
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: str) -> str:
+    """The GPU's name on CUDA (as `scaling.hardware` looks it up), else the CPU model."""
+    import torch
+
+    return torch.cuda.get_device_name() if device == "cuda" else cpu_name()
 
 
 # ------------------------------------------------------------------------------ models
@@ -44,9 +74,12 @@ def decode_lengths(cfg: ModelConfig) -> tuple[int, int]:
     return prompt, min(NEW_TOKENS, cfg.max_seq_len - prompt)
 
 
-def build(impl: str, cfg: ModelConfig, use_compile: bool = False) -> tuple[Any, Callable[..., Any]]:
-    """(model, loss(ids, targets)) with each impl's own loss code; transformers gets a copy of
-    stoker's initial weights through the project's converter. With `use_compile` the loss calls
+def build(
+    impl: str, cfg: ModelConfig, device: str = "cpu", use_compile: bool = False
+) -> tuple[Any, Callable[..., Any]]:
+    """(model on `device`, loss(ids, targets)) with each impl's own loss code; transformers gets
+    a copy of stoker's initial weights (made on CPU, so the same on every device) through the
+    project's converter. With `use_compile` the loss calls
     `torch.compile(model)`, as each side's trainer does: `stoker train --train.compile=true`
     compiles the forward and keeps `lm_loss` outside; HF Trainer's `torch_compile=True` has
     accelerate wrap the model in `torch.compile` (inductor, default mode), and the loss is
@@ -58,6 +91,7 @@ def build(impl: str, cfg: ModelConfig, use_compile: bool = False) -> tuple[Any, 
     torch.manual_seed(0)
     ours = build_model(cfg)
     if impl == "stoker":
+        ours = ours.to(device)
         fwd = torch.compile(ours) if use_compile else ours
         return ours, lambda ids, targets: lm_loss(fwd(ids), targets)
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -74,7 +108,7 @@ def build(impl: str, cfg: ModelConfig, use_compile: bool = False) -> tuple[Any, 
     tied = ["lm_head.weight"] if cfg.tie_embeddings else []  # tied by from_config
     if keys.unexpected_keys or keys.missing_keys != tied:
         raise RuntimeError(f"weights do not match the transformers model: {keys}")
-
+    hf = hf.to(device)
     call = torch.compile(hf) if use_compile else hf
 
     def hf_loss(ids, targets):  # HF's causal-LM loss; the targets are shifted already
@@ -84,24 +118,31 @@ def build(impl: str, cfg: ModelConfig, use_compile: bool = False) -> tuple[Any, 
 
 
 # ----------------------------------------------------------------------------- workers
-def run_matmul(dtype_name: str, reps: int) -> float:
-    """FLOP/s of the best of `reps` MATMUL_N² matmuls in `dtype_name`."""
+def run_matmul(dtype_name: str, reps: int, device: str = "cpu") -> float:
+    """FLOP/s of the best of `reps` n² matmuls in `dtype_name` on `device` (n: MATMUL_N).
+    fp32 on CUDA runs as torch's TF32 setting says (left at its default; the worker reports
+    it)."""
     import torch
 
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    a = torch.randn(MATMUL_N, MATMUL_N).to(dtype)
-    b = torch.randn(MATMUL_N, MATMUL_N).to(dtype)
-    for _ in range(2):
+    n, sync = MATMUL_N[device], synchronizer(device)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(2 if device == "cpu" else 10):  # a GPU also settles its clocks
         a @ b
     best = float("inf")
     for _ in range(reps):
+        sync()
         t0 = time.perf_counter()
         a @ b
+        sync()
         best = min(best, time.perf_counter() - t0)
-    return 2 * MATMUL_N**3 / best
+    return 2 * n**3 / best
 
 
-def run_train(impl: str, mode: str, cfg: ModelConfig, warmup: int, steps: int) -> dict[str, Any]:
+def run_train(
+    impl: str, mode: str, cfg: ModelConfig, warmup: int, steps: int, device: str = "cpu"
+) -> dict[str, Any]:
     """Median step time after `warmup` steps (their total is `warmup_s`: in the compiled modes
     it includes compiling the forward and backward graphs). `timed_graphs`: graphs dynamo
     compiled during the timed steps (recompilation; 0 when the warmup covered it)."""
@@ -111,32 +152,34 @@ def run_train(impl: str, mode: str, cfg: ModelConfig, warmup: int, steps: int) -
     from torch._dynamo.utils import counters
 
     dtype, compiled = train_variant(mode)
-    model, loss_fn = build(impl, cfg, use_compile=compiled)
+    model, loss_fn = build(impl, cfg, device, use_compile=compiled)
     model.train()
     from stoker.config import OptimConfig
     from stoker.train.optim import build_optimizer, param_groups
 
     ocfg = OptimConfig(lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
-    if impl == "stoker":  # what `stoker train` builds: fused AdamW on CPU
-        opt = build_optimizer(model, ocfg, "cpu")
+    if impl == "stoker":  # what `stoker train` builds: fused AdamW on CPU and CUDA
+        opt = build_optimizer(model, ocfg, device)
     else:  # HF Trainer's default for torch >= 2.8 (`adamw_torch_fused`), same decay groups
         opt = torch.optim.AdamW(param_groups(model, ocfg.weight_decay), lr=ocfg.lr,
                                 betas=ocfg.betas, eps=ocfg.eps, fused=True)
     T, gen = cfg.max_seq_len, torch.Generator().manual_seed(1)
-    data = torch.randint(0, cfg.vocab_size, (BATCH, T + 1), generator=gen)
+    data = torch.randint(0, cfg.vocab_size, (BATCH, T + 1), generator=gen).to(device)
     ids, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # (B, T) each
-    bf16 = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    bf16 = lambda: torch.autocast(device, dtype=torch.bfloat16)
     autocast = bf16 if dtype == "bf16" else contextlib.nullcontext
-    times, losses, graphs = [], [], 0
+    times, losses, graphs, sync = [], [], 0, synchronizer(device)
     for i in range(warmup + steps):
         if i == warmup:
             graphs = counters["stats"]["unique_graphs"]
+        sync()
         t0 = time.perf_counter()
         with autocast():
             loss = loss_fn(ids, targets)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         times.append(time.perf_counter() - t0)
         losses.append(loss.item())
     step_s = statistics.median(times[warmup:])
@@ -146,26 +189,30 @@ def run_train(impl: str, mode: str, cfg: ModelConfig, warmup: int, steps: int) -
     return result | {"step_times": times[warmup:]}
 
 
-def run_decode(impl: str, cfg: ModelConfig, warmup: int, repeats: int) -> dict[str, Any]:
+def run_decode(
+    impl: str, cfg: ModelConfig, warmup: int, repeats: int, device: str = "cpu"
+) -> dict[str, Any]:
     import torch
 
     from stoker.generate import generate
 
-    model, _ = build(impl, cfg)
+    model, _ = build(impl, cfg, device)
     model.eval()
     (n_prompt, n_new), gen = decode_lengths(cfg), torch.Generator().manual_seed(2)
-    prompt = torch.randint(0, cfg.vocab_size, (1, n_prompt), generator=gen)
+    prompt = torch.randint(0, cfg.vocab_size, (1, n_prompt), generator=gen).to(device)
     if impl == "stoker":  # generate yields (B,) ids one step at a time
         decode = lambda: torch.stack(list(generate(model, prompt, n_new, temperature=0.0)), 1)
     else:
         decode = lambda: model.generate(
             prompt, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new
         )[:, n_prompt:]
-    times = []
+    times, sync = [], synchronizer(device)
     with torch.inference_mode():
         for i in range(warmup + repeats):
+            sync()
             t0 = time.perf_counter()
             out = decode()  # (1, n_new)
+            sync()
             if i >= warmup:
                 times.append(time.perf_counter() - t0)
     if out.shape != (1, n_new):
@@ -243,7 +290,9 @@ def run_data(
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """One (impl, mode) measurement in this process; `spec` comes from `bench.run_all`."""
+    """One (impl, mode) measurement in this process; `spec` comes from `bench.run_all`. The
+    device is named after the measurement (on CUDA that initializes it, not in the data mode's
+    timed loop)."""
     impl, mode, versions = spec["impl"], spec["mode"], {}
     if impl == "transformers":
         try:
@@ -253,17 +302,20 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         versions["transformers"] = transformers.__version__
     import torch
 
-    torch.set_num_threads(spec["threads"])
-    warmup, steps = spec["warmup"], spec["steps"]
+    torch.set_num_threads(spec["threads"])  # on CUDA: the host-side ops only
+    warmup, steps, device = spec["warmup"], spec["steps"], spec["device"]
     if impl == "matmul":
         reps = 5 if spec["quick"] else 10
-        result: dict[str, Any] = {d: run_matmul(d, reps) for d in spec["dtypes"]}
+        result: dict[str, Any] = {d: run_matmul(d, reps, device) for d in spec["dtypes"]}
+        if device == "cuda":  # torch's default, not set here: say which the fp32 rate used
+            result["tf32"] = torch.backends.cuda.matmul.allow_tf32
     elif mode == "decode":
-        result = run_decode(impl, model_config(spec["preset"]), warmup, steps)
+        result = run_decode(impl, model_config(spec["preset"]), warmup, steps, device)
     elif mode == "data":
         result = run_data(impl, model_config(spec["preset"]), spec["data_dir"], warmup, steps)
     else:
-        result = run_train(impl, mode, model_config(spec["preset"]), warmup, steps)
+        result = run_train(impl, mode, model_config(spec["preset"]), warmup, steps, device)
+    result |= {"device": device, "device_name": device_name(device), "host": cpu_name()}
     return {**result, **versions, "threads": torch.get_num_threads(), "torch": torch.__version__}
 
 
