@@ -71,6 +71,23 @@ def test_generate_cli_prints_prompt_and_continuation(tiny_ckpt, capsys):
     assert out.rstrip("\n") == "def main():" + tok.decode(new, skip_special_tokens=True)
 
 
+def test_generate_cli_bf16_weights_match_the_library_in_bf16(tiny_ckpt, capsys):
+    """`--dtype bf16` decodes with bf16 weights and cache: the same tokens as the library
+    call on the bf16-cast model."""
+    code = main(["generate", str(tiny_ckpt), "--prompt", "def main():", "--max-new-tokens",
+                 "8", "--temperature", "0", "--dtype", "bf16", "--no-stream"])
+    out = capsys.readouterr().out
+    from stoker.api import load_model
+
+    tok = Tokenizer.load(tiny_ckpt / "tokenizer")
+    ids = torch.tensor([tok.encode("def main():")])
+    model = load_model(tiny_ckpt).to(torch.bfloat16)
+    new = [int(t) for t in generate(model, ids, 8, eos_id=tok.eos_id)]
+    assert code == 0 and out.rstrip("\n") == "def main():" + tok.decode(
+        new, skip_special_tokens=True)
+    assert main(["generate", str(tiny_ckpt), "--dtype", "fp8"]) == 2
+
+
 def test_generate_interactive_reads_prompts(tiny_ckpt, capsys, monkeypatch):
     import io
 

@@ -110,7 +110,10 @@ def generate_command(args) -> int:
 
     device = pick_device(args.device)
     model = load_model(args.path, device).eval()
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+    dtype = getattr(args, "dtype", "auto")
+    if dtype == "auto":
+        dtype = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if dtype == "bf16":
         model = model.to(torch.bfloat16)
     tokenizer = load_tokenizer(args.path)
     generator = None
