@@ -241,6 +241,8 @@ class MoRConfig(Section):
     sharing: Literal["cycle", "sequence", "middle_cycle", "middle_sequence"] = "middle_cycle"
     router: Literal["expert", "token", "none"] = "expert"
     kv_cache: Literal["recursion", "shared"] = "recursion"  # recursion-wise | recursive sharing
+    # 0: Linear(d, out) routers; h > 0: the paper's MLP router, Linear(d, h) → GELU → Linear(h, out)
+    router_hidden: int = 0
     alpha: float = 0.1  # expert-choice gate α·sigmoid(logit)
     aux_loss_coeff: float = 0.001  # expert-choice BCE
     balance_coeff: float = 0.1  # token-choice Switch-style balancing loss
@@ -258,6 +260,9 @@ class MoRConfig(Section):
     def _check_mor(self) -> MoRConfig:
         if self.recursions < 1:
             raise ValueError(f"mor.recursions must be >= 1, got {self.recursions}")
+        if self.router_hidden < 0:
+            raise ValueError(f"mor.router_hidden must be >= 0 (0 = linear router), got "
+                             f"{self.router_hidden}")
         if (self.init == "random") != (self.init_from is None):
             raise ValueError("mor.init=random takes no mor.init_from; stepwise/average/lower/"
                              "upper need mor.init_from=CHECKPOINT (e.g. from stoker import-hf)")

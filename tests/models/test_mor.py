@@ -83,13 +83,14 @@ def test_tied_layers_share_parameters_and_sum_their_gradients(sharing, n, R):
     assert "layers.1.self_attn.q_proj.weight" in names and not any("layers.9" in n for n in names)
 
 
+@pytest.mark.parametrize("hidden", [0, 24], ids=["linear", "mlp"])
 @pytest.mark.parametrize("router", ["expert", "token", "none"])
 @pytest.mark.parametrize("sharing,R", [("cycle", 3), ("middle_cycle", 2), ("sequence", 2)])
-def test_unique_parameter_count_equals_analytic(router, sharing, R):
+def test_unique_parameter_count_equals_analytic(router, sharing, R, hidden):
     router = "none" if sharing == "sequence" else router
     cfg, mor = (
         tiny_cfg(8 if sharing == "middle_cycle" else 6),
-        MoRConfig(recursions=R, sharing=sharing, router=router),
+        MoRConfig(recursions=R, sharing=sharing, router=router, router_hidden=hidden),
     )
     model = build_mor(cfg, mor, device="meta")
     want = count_params_shared(cfg, R, sharing).total + mor_router_params(cfg, mor)
@@ -220,17 +221,20 @@ def test_unselected_tokens_are_bitwise_unchanged_and_selected_get_gated_update()
 
 
 # ------------------------------------------------------------------------- losses, gradients
+@pytest.mark.parametrize("hidden", [0, 16], ids=["linear", "mlp"])
 @pytest.mark.parametrize("router", ["expert", "token"])
-def test_routers_receive_gradients_from_lm_and_auxiliary_loss(router):
-    model = tiny_mor(6, recursions=2, sharing="middle_cycle", router=router)
+def test_routers_receive_gradients_from_lm_and_auxiliary_loss(router, hidden):
+    model = tiny_mor(6, recursions=2, sharing="middle_cycle", router=router,
+                     router_hidden=hidden)
+    weights = [p for r in model.routers for p in r.parameters()]
+    assert len(weights) == len(model.routers) * (2 if hidden else 1)
     x = torch.randint(0, V, (2, 12))
     F.cross_entropy(model(x).flatten(0, 1), x.flatten()).backward()
-    lm_grads = [r.weight.grad.clone() for r in model.routers]
-    assert all(g.abs().sum() > 0 for g in lm_grads)  # through the gates
+    assert all(w.grad.abs().sum() > 0 for w in weights)  # through the gates
     model.zero_grad()
     model(x)
     model.auxiliary_loss().backward()
-    assert all(r.weight.grad.abs().sum() > 0 for r in model.routers)
+    assert all(w.grad.abs().sum() > 0 for w in weights)
 
 
 def test_expert_bce_by_hand():

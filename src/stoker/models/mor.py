@@ -99,10 +99,11 @@ class MoRDecoder(Decoder):
         self.router = mor.router if R > 1 else "none"
         self.plain = self.router == "none" and (mor.kv_cache == "recursion" or R == 1)
         C = cfg.d_model
+        hidden = mor.router_hidden
         if self.router == "expert":
-            self.routers = nn.ModuleList(nn.Linear(C, 1, bias=False) for _ in range(R))
+            self.routers = nn.ModuleList(make_router(C, 1, hidden) for _ in range(R))
         elif self.router == "token":
-            self.routers = nn.ModuleList([nn.Linear(C, R, bias=False)])
+            self.routers = nn.ModuleList([make_router(C, R, hidden)])
             if mor.bias_balance_rate > 0:
                 self.register_buffer("router_bias", torch.zeros(R))
         self.threshold_routing = False  # no-cache forwards: False = training-time top-k
@@ -321,6 +322,16 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if mask is None:
         return x.float().mean()
     return (x.float() * mask).sum() / mask.sum().clamp(min=1)
+
+
+def make_router(d_model: int, out: int, hidden: int = 0) -> nn.Module:
+    """A router: Linear(d, out), or with `hidden` > 0 the MLP router of the MoR paper,
+    Linear(d, hidden) → GELU → Linear(hidden, out); no biases (a per-token score's bias
+    cannot change a top-k choice)."""
+    if hidden == 0:
+        return nn.Linear(d_model, out, bias=False)
+    return nn.Sequential(nn.Linear(d_model, hidden, bias=False), nn.GELU(),
+                         nn.Linear(hidden, out, bias=False))
 
 
 def build_mor(

@@ -214,8 +214,14 @@ def flops_per_token(
 # ------------------------------------------------------------------ Mixture-of-Recursions
 def mor_router_params(cfg: ModelConfig, mor: MoRConfig) -> int:
     """Router weights of a MoR model: R × Linear(C, 1) (expert-choice) or Linear(C, R)
-    (token-choice), none for the recursive baseline or R = 1 (models/mor.py)."""
-    return 0 if mor.router == "none" or mor.recursions == 1 else cfg.d_model * mor.recursions
+    (token-choice); with `router_hidden` h each is Linear(C, h) + Linear(h, out) instead;
+    none for the recursive baseline or R = 1 (models/mor.py)."""
+    R, C, h = mor.recursions, cfg.d_model, mor.router_hidden
+    if mor.router == "none" or R == 1:
+        return 0
+    if h == 0:
+        return C * R
+    return R * (C * h + h) if mor.router == "expert" else C * h + h * R
 
 
 def mor_token_counts(mor: MoRConfig, seq_len: int) -> list[int]:
@@ -258,7 +264,7 @@ def mor_forward_flops(
         "attention_proj": edge * proj,
         "attention_scores": edge * 4.0 * H * Q * ctx(T),
         "mlp": edge * mlp,
-        "router": 2.0 * cfg.d_model * mor_router_params(cfg, mor) / cfg.d_model,
+        "router": 2.0 * mor_router_params(cfg, mor),  # every router sees every token
         "lm_head": 2.0 * cfg.d_model * cfg.vocab_size,
     }
     for r, n in enumerate(mor_token_counts(mor, T)):
