@@ -32,6 +32,10 @@ RUNS = {  # name -> overrides on the tiny MoR recipe
     "recursive (rec2)": ["--mor.router=none"],
     "MoR-2 expert": ["--mor.router=expert"],
     "MoR-2 token": ["--mor.router=token"],
+    # controls: the recursive baseline with the routers' gated update h + c·F(h), c fixed at
+    # the expert gate's typical 0.05 and the token-choice weight's typical 0.5
+    "recursive gated (c=0.05)": ["--mor.router=none", "--mor.baseline_gate=0.05"],
+    "recursive gated (c=0.5)": ["--mor.router=none", "--mor.baseline_gate=0.5"],
 }
 
 
@@ -123,7 +127,8 @@ def main() -> None:
     rows = []
     for n, (recipe, over) in recipes.items():
         steps = round(budget / (acc[n][0] * tokens_per_step))
-        out = args.out_root / n.split(" (")[0].replace(" ", "-").lower()
+        out = args.out_root / n.replace(" (rec2)", "").replace(" (c=", "-").strip(")").replace(
+            " ", "-").lower()
         print(f"{n}: {steps} steps ({acc[n][0] / 1e6:.2f} MFLOPs/token)", flush=True)
         rows.append(run(n, recipe, over, steps, out, args.reuse))
     print(

@@ -244,6 +244,9 @@ class MoRConfig(Section):
     # 0: Linear(d, out) routers; h > 0: the paper's MLP router, Linear(d, h) → GELU → Linear(h, out)
     router_hidden: int = 0
     alpha: float = 0.1  # expert-choice gate α·sigmoid(logit)
+    # router none only: each recursion's update h + c·F(h) instead of F(h) — the routers'
+    # gated update with a fixed gate, an ablation control (docs/log.md); None = plain F(h)
+    baseline_gate: float | None = None
     aux_loss_coeff: float = 0.001  # expert-choice BCE
     balance_coeff: float = 0.1  # token-choice Switch-style balancing loss
     z_loss_coeff: float = 1e-5  # token-choice router z-loss
@@ -260,6 +263,9 @@ class MoRConfig(Section):
     def _check_mor(self) -> MoRConfig:
         if self.recursions < 1:
             raise ValueError(f"mor.recursions must be >= 1, got {self.recursions}")
+        if self.baseline_gate is not None and self.router != "none":
+            raise ValueError("mor.baseline_gate applies to the recursive baseline only "
+                             "(mor.router=none); routers learn their own gates")
         if self.router_hidden < 0:
             raise ValueError(f"mor.router_hidden must be >= 0 (0 = linear router), got "
                              f"{self.router_hidden}")

@@ -350,3 +350,24 @@ def test_router_none_can_be_set_from_the_command_line():
 
     cfg = load_config("recipes/mor/tiny-expert-rec2.yaml", ["--mor.router=none"])
     assert cfg.mor.router == "none"
+
+
+def test_baseline_gate_applies_the_fixed_gated_update_per_recursion():
+    """The ablation control: router none with `baseline_gate` c is h <- h + c·F(h) per
+    recursion (F = the shared block with its residuals), by hand on the layers."""
+    model = tiny_mor(8, recursions=2, sharing="middle_cycle", router="none", baseline_gate=0.3)
+    x = torch.randint(0, V, (2, 12))
+    T = x.shape[1]
+    h, rope = model.embed(x, torch.arange(T))
+    h = model.layers[model.plan[0]](h, rope)
+    for r in range(2):
+        z = h
+        for i in range(model.block_size):
+            z = model.layers[model.plan[1 + r * model.block_size + i]](z, rope)
+        h = h + 0.3 * z
+    h = model.layers[model.plan[-1]](h, rope)
+    torch.testing.assert_close(model(x), model.lm_head(model.norm(h)), rtol=1e-5, atol=1e-5)
+    plain = tiny_mor(8, recursions=2, sharing="middle_cycle", router="none")
+    assert not torch.allclose(plain(x), model(x))  # same seed, same weights: the gate matters
+    with pytest.raises(ValueError, match="baseline_gate applies to the recursive baseline"):
+        MoRConfig(router="expert", baseline_gate=0.1)

@@ -97,7 +97,8 @@ class MoRDecoder(Decoder):
         self.n_edge = 1 if mor.sharing.startswith("middle") else 0  # unique first/last layers
         self.block_size = (cfg.n_layer - 2 * self.n_edge) // R
         self.router = mor.router if R > 1 else "none"
-        self.plain = self.router == "none" and (mor.kv_cache == "recursion" or R == 1)
+        self.plain = self.router == "none" and (mor.kv_cache == "recursion" or R == 1) and (
+            mor.baseline_gate is None or R == 1)
         C = cfg.d_model
         hidden = mor.router_hidden
         if self.router == "expert":
@@ -144,8 +145,10 @@ class MoRDecoder(Decoder):
             elif self.router == "token":
                 x = self._token(x, p)
             else:
+                c = self.mor.baseline_gate
+                update = (lambda x, y, idx: y) if c is None else (lambda x, y, idx: x + c * y)
                 for r in range(self.recursions):
-                    x = self._run_block(r, x, None, p, lambda x, y, idx: y)
+                    x = self._run_block(r, x, None, p, update)
             for j in range(len(self.plan) - self.n_edge, len(self.plan)):
                 x = self.layers[self.plan[j]](x, rope, p.cache(j))
         if row is not None:
