@@ -27,9 +27,9 @@ from stoker.bench import (
     resolve_device,
     summarize,
 )
-from stoker.bench_workers import cpu_name
 from stoker.cli import main
 from stoker.config import ModelConfig
+from stoker.monitor.system import cpu_name
 from stoker.scaling.flops import count_params, flops_per_token
 
 FAST = ["--preset", "tiny-llama", "--quick", "--steps", "2", "--warmup", "1", "--threads", "1"]

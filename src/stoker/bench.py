@@ -463,7 +463,9 @@ def bench_command(args: argparse.Namespace) -> int:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """`stoker bench`'s options (cli.py adds them only when `bench` is the subcommand)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from stoker.monitor.system import cpu_cores
+
+    cores = cpu_cores()
     n = {"type": int, "metavar": "N"}
     p.epilog = "Each (implementation, mode) runs in its own process; methods: stoker/bench.py."
     p.add_argument("--quick", action="store_true", help=HELP["quick"])

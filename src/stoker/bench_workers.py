@@ -13,13 +13,14 @@ kernels run asynchronously, so every timed region starts and ends with `synchron
 from __future__ import annotations
 
 import json
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from stoker.monitor.system import cpu_name
 
 if TYPE_CHECKING:
     from stoker.config import ModelConfig
@@ -41,17 +42,6 @@ def synchronizer(device: str) -> Callable[[], None]:
     import torch
 
     return torch.cuda.synchronize if device == "cuda" else lambda: None
-
-
-def cpu_name() -> str:
-    """The CPU model from /proc/cpuinfo, else what `platform` knows."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def device_name(device: str) -> str:
@@ -124,20 +114,11 @@ def run_matmul(dtype_name: str, reps: int, device: str = "cpu") -> float:
     it)."""
     import torch
 
+    from stoker.train.telemetry import matmul_rate
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype_name]
-    n, sync = MATMUL_N[device], synchronizer(device)
-    a = torch.randn(n, n, device=device).to(dtype)
-    b = torch.randn(n, n, device=device).to(dtype)
-    for _ in range(2 if device == "cpu" else 10):  # a GPU also settles its clocks
-        a @ b
-    best = float("inf")
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best
+    warmup = 2 if device == "cpu" else 10  # a GPU also settles its clocks
+    return matmul_rate(MATMUL_N[device], dtype, device, repeats=reps, warmup=warmup)
 
 
 def run_train(

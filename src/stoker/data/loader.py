@@ -21,7 +21,6 @@ settings from the device and the CPU cores (see docs/data.md, "Data loading").
 
 from __future__ import annotations
 
-import os
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +32,7 @@ import torch
 from stoker.data.rng import hash_keys, name_key, uniform_ints
 from stoker.data.shards import load_meta, open_split
 from stoker.errors import StokerError
+from stoker.monitor.system import cpu_cores
 
 
 class TokenWindows:
@@ -173,14 +173,6 @@ class _MicroBatches(torch.utils.data.Dataset):
         return self.windows.batch(step, self.rank, self.world, micro, self.n_micro)
 
 
-def cpu_cores() -> int:
-    """Cores this process may run on (affinity/cgroup-aware where the OS says)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # macOS, Windows
-        return os.cpu_count() or 1
-
-
 def loader_settings(device_type: str, num_workers: int | str = "auto",
                     pin_memory: bool | str = "auto", prefetch_factor: int = 2,
                     local_world: int = 1) -> dict[str, Any]:
@@ -208,9 +200,6 @@ class BatchStream:
     def __init__(self, windows: TokenWindows, start: int, end: int, rank: int = 0,
                  world: int = 1, n_micro: int = 1, num_workers: int = 0,
                  pin_memory: bool = False, prefetch_factor: int | None = None):
-        self.windows, self.n_micro = windows, n_micro
-        self.settings = {"num_workers": num_workers, "pin_memory": pin_memory,
-                         "prefetch_factor": prefetch_factor}
         self._data = _MicroBatches(windows, start, end, rank, world, n_micro)
         if num_workers == 0 and not pin_memory:
             self._it: Iterator = (self._data[i] for i in range(len(self._data)))

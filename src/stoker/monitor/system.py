@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import threading
 import time
 from pathlib import Path
@@ -31,6 +32,25 @@ def _nvml():
         except Exception:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded
             _NVML["mod"] = None
     return _NVML["mod"]
+
+
+def cpu_cores() -> int:
+    """Cores this process may run on (affinity/cgroup-aware where the OS says)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo, else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _try(fn, *args, default=None):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import resource
 import sys
 import time
@@ -33,15 +32,28 @@ def _cache_file() -> Path:
 
 def _machine_key(dtype: torch.dtype, n: int) -> str:
     """What a measured rate belongs to: CPU model, threads, torch build, dtype, size."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|{n}"
+    from stoker.monitor.system import cpu_name
+
+    return f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|{n}"
+
+
+def matmul_rate(n: int, dtype: torch.dtype, device: str = "cpu", repeats: int = 3,
+                warmup: int = 1) -> float:
+    """FLOP/s of the fastest of `repeats` n×n matmuls in `dtype` on `device`, measured now
+    (after `warmup` untimed ones; on CUDA each timed one is synchronized)."""
+    sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    for _ in range(warmup):
+        a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
 
 
 def measured_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -> float:
@@ -51,14 +63,7 @@ def measured_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -
     the MFU denominator the machine's rate, not the moment's (cached per process too)."""
     key = _machine_key(dtype, n)
     if key not in _CPU_PEAK:
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-        a @ b  # warm up
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            a @ b
-            best = min(best, time.perf_counter() - t0)
-        rate = 2 * n**3 / best
+        rate = matmul_rate(n, dtype, repeats=repeats)
         path = _cache_file()
         try:
             table = json.loads(path.read_text()) if path.is_file() else {}
