@@ -1,33 +1,54 @@
 """Typed recipe schema, YAML loading and `--section.key=value` overrides.
 
-A recipe is data: a YAML file validated by the pydantic models below. Unknown keys and wrong
-types are `StokerError`s whose one-line message names the key (and the nearest valid one), so
-the CLI can exit 2 without a traceback. Model presets (REFERENCE.md §1) live here too, as plain
-dictionaries merged under whatever the recipe sets explicitly.
+A recipe is data: a YAML file validated by the pydantic models below. Unknown keys, wrong
+types and out-of-range values are `StokerError`s whose one-line message names the key (and the
+nearest valid one, or the range), so the CLI can exit 2 without a traceback. Every number has
+a range: sizes, steps and intervals are positive (a few documented ones allow 0 = off),
+probabilities lie in [0, 1), NaN and infinity are refused. Model presets (REFERENCE.md §1)
+live here too, as plain dictionaries merged under whatever the recipe sets explicitly.
 """
 
 from __future__ import annotations
 
-import difflib
-import json
 import math
 import re
-from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
-
-from stoker.errors import StokerError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors."""
+    """Base of every config section: unknown keys are errors, floats must be finite."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Ranges shared by many fields; `_format_error` turns a violation into one line naming the key.
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+Seed = Annotated[int, Field(ge=0, lt=2**63)]  # hashed as uint64 (data/rng.py), seed + 1 used
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+Probability = Annotated[float, Field(ge=0, lt=1)]  # dropout, Adam betas
+DEVICE_NAMES = "auto, cpu, cuda, cuda:N or mps"
+
+
+def is_device_name(name: str) -> bool:
+    """`auto`, `cpu`, `cuda`, `cuda:N` or `mps` (whether it exists is `pick_device`'s check)."""
+    # N as torch parses it: no leading zero, at most 127 (torch's device index is an int8)
+    m = re.fullmatch(r"cuda:(0|[1-9][0-9]{0,2})", name)
+    return name in ("auto", "cpu", "cuda", "mps") or (m is not None and int(m[1]) < 128)
 
 
 # ----------------------------------------------------------------------------------- model
+# fmt: off
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU-sized, for tests and the demo.
     "tiny-llama": dict(arch="llama", n_layer=2, n_head=4, n_kv_head=2, d_model=64, d_ff=128,
@@ -51,6 +72,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          d_ff=1536, vocab_size=49152, max_seq_len=2048, tie_embeddings=True,
                          rope_theta=100000.0, norm_eps=1e-5),
 }
+# fmt: on
 
 
 class ModelConfig(Section):
@@ -59,48 +81,48 @@ class ModelConfig(Section):
 
     preset: str | None = None
     arch: Literal["llama", "gpt2"] = "llama"
-    n_layer: int = 2
-    n_head: int = 4
-    n_kv_head: int | None = None  # None: = n_head (multi-head attention)
-    d_model: int = 64
-    head_dim: int | None = None  # None: d_model // n_head
-    d_ff: int | None = None  # None: 4·d (gpt2) or the LLaMA rule (llama)
-    vocab_size: int = 512
-    max_seq_len: int = 128
+    n_layer: PositiveInt = 2
+    n_head: PositiveInt = 4
+    n_kv_head: PositiveInt | None = None  # None: = n_head (multi-head attention)
+    d_model: PositiveInt = 64
+    head_dim: PositiveInt | None = None  # None: d_model // n_head
+    d_ff: PositiveInt | None = None  # None: 4·d (gpt2) or the LLaMA rule (llama)
+    vocab_size: PositiveInt = 512
+    max_seq_len: PositiveInt = 128
     bias: bool = False  # biases on every linear layer and norm (GPT-2)
     qkv_bias: bool = False  # biases on q/k/v only (Qwen2)
     tie_embeddings: bool = True
-    norm_eps: float = 1e-5
-    rope_theta: float = 10000.0
-    multiple_of: int = 256
-    ffn_dim_multiplier: float | None = None
-    dropout: float = 0.0
-    init_std: float = 0.02
+    norm_eps: PositiveFloat = 1e-5
+    rope_theta: PositiveFloat = 10000.0
+    multiple_of: PositiveInt = 256
+    ffn_dim_multiplier: PositiveFloat | None = None
+    dropout: Probability = 0.0
+    init_std: PositiveFloat = 0.02
 
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("preset") is not None:
             name = data["preset"]
-            if name not in PRESETS:
+            if not isinstance(name, str) or name not in PRESETS:  # a list is unhashable
                 raise ValueError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
             data = {**PRESETS[name], **data}
         return data
 
     @model_validator(mode="after")
     def _check_shape(self) -> ModelConfig:
-        for key in ("n_layer", "n_head", "d_model", "vocab_size", "max_seq_len"):
-            if getattr(self, key) <= 0:
-                raise ValueError(f"model.{key} must be positive")
         if self.head_dim is None and self.d_model % self.n_head != 0:
-            ok = [h for h in range(max(1, self.n_head - 4), self.n_head + 5)
-                  if self.d_model % h == 0]
+            ok = [
+                h for h in range(max(1, self.n_head - 4), self.n_head + 5) if self.d_model % h == 0
+            ]
             raise ValueError(
                 f"model.d_model={self.d_model} is not divisible by model.n_head={self.n_head}; "
-                f"use a head count that divides it (e.g. {ok}) or set model.head_dim")
+                f"use a head count that divides it (e.g. {ok}) or set model.head_dim"
+            )
         if self.n_head % self.kv_heads != 0:
-            raise ValueError(f"model.n_head={self.n_head} is not divisible by "
-                             f"model.n_kv_head={self.kv_heads}")
+            raise ValueError(
+                f"model.n_head={self.n_head} is not divisible by model.n_kv_head={self.kv_heads}"
+            )
         if self.arch == "llama" and self.dim_head % 2:
             raise ValueError(f"RoPE needs an even head dim, got {self.dim_head}")
         return self
@@ -132,7 +154,7 @@ class TokenizerConfig(Section):
     .tiktoken file or a SentencePiece .model) or a byte-level BPE trained on the sources."""
 
     path: str | None = None
-    vocab_size: int = 512  # trained BPE only (special tokens included)
+    vocab_size: PositiveInt = 512  # trained BPE only (special tokens included)
     special_tokens: list[str] = ["<|endoftext|>"]  # trained BPE only; they get the first ids
     # The token appended after every document. None: the tokenizer's own (tokenizer_config.json,
     # SentencePiece's </s>, GPT-2/tiktoken's <|endoftext|>); <|endoftext|> for a trained BPE.
@@ -149,16 +171,17 @@ class DataConfig(Section):
     text_field: str = "text"
     tokenizer: TokenizerConfig = TokenizerConfig()
     dir: str = "data/tiny"
-    val_fraction: float = 0.05  # share of documents held out, chosen with `seed`
-    seed: int = 1234
+    # share of documents held out, chosen with `seed` (1 would leave nothing to train on)
+    val_fraction: Annotated[float, Field(ge=0, lt=1)] = 0.05
+    seed: Seed = 1234
     dtype: Literal["auto", "uint16", "uint32"] = "auto"
-    max_documents: int | None = None  # keep the first N documents of the sources
-    shard_tokens: int = 2**28  # tokens per shard file (the last one of a split is shorter)
+    max_documents: PositiveInt | None = None  # keep the first N documents of the sources
+    shard_tokens: PositiveInt = 2**28  # tokens per shard file (a split's last one is shorter)
     # Training batches (stoker.data.loader.loader_settings): "auto" = 0 workers on CPU,
     # min(4, cores per GPU process - 1) workers + pinned memory on CUDA; see docs/data.md.
-    num_workers: int | Literal["auto"] = "auto"
+    num_workers: NonNegativeInt | Literal["auto"] = "auto"
     pin_memory: bool | Literal["auto"] = "auto"
-    prefetch_factor: int = 2  # batches each worker builds ahead
+    prefetch_factor: PositiveInt = 2  # batches each worker builds ahead
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -168,55 +191,67 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _check_data(self) -> DataConfig:
         if not self.sources:
-            raise ValueError("data.sources is empty; name at least one path, glob or corpus "
-                             "(e.g. python-stdlib)")
-        if not 0.0 <= self.val_fraction < 1.0:
-            raise ValueError(f"data.val_fraction must be in [0, 1), got {self.val_fraction}")
-        if self.max_documents is not None and self.max_documents <= 0:
-            raise ValueError(f"data.max_documents must be positive, got {self.max_documents}")
-        if self.shard_tokens <= 0:
-            raise ValueError(f"data.shard_tokens must be positive, got {self.shard_tokens}")
-        if isinstance(self.num_workers, int) and self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0 or auto, got {self.num_workers}")
-        if self.prefetch_factor < 1:
-            raise ValueError(f"data.prefetch_factor must be >= 1, got {self.prefetch_factor}")
+            raise ValueError(
+                "data.sources is empty; name at least one path, glob or corpus (e.g. python-stdlib)"
+            )
         return self
 
 
 # ----------------------------------------------------------------------------------- train
 class TrainConfig(Section):
     out_dir: str = "runs/tiny"
-    max_steps: int = 100
-    seed: int = 1337
-    batch_size: int = 8  # global sequences per optimizer step
-    micro_batch_size: int = 8  # sequences per process per forward
-    seq_len: int | None = None  # None: model.max_seq_len
+    max_steps: PositiveInt = 100
+    seed: Seed = 1337
+    batch_size: PositiveInt = 8  # global sequences per optimizer step
+    micro_batch_size: PositiveInt = 8  # sequences per process per forward (<= batch_size)
+    seq_len: PositiveInt | None = None  # None: model.max_seq_len (at most that)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    device: str = "auto"
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: bool = False
+    # bit-identical runs (stoker/reproducibility.py): auto = on for CPU runs (MKL CNR mode,
+    # cost in docs/log.md), off on GPUs (deterministic CUDA kernels are slower)
+    deterministic: bool | Literal["auto"] = "auto"
     activation_checkpointing: bool = False
-    grad_clip: float = 1.0
-    log_interval: int = 10
-    eval_interval: int = 50
-    eval_steps: int = 10
-    save_interval: int = 100
-    keep_last: int = 2
+    grad_clip: NonNegativeFloat = 1.0  # max global gradient norm; 0 = off
+    log_interval: PositiveInt = 10
+    eval_interval: NonNegativeInt = 50  # 0 = off
+    eval_steps: PositiveInt = 10  # validation batches per evaluation
+    save_interval: PositiveInt = 100
+    keep_last: PositiveInt = 2  # checkpoints kept in out_dir
     resume: str = "auto"  # auto | never | PATH
     nan_policy: Literal["stop", "skip"] = "stop"
     early_stopping_metric: Literal["val_loss"] | None = None  # stop when it stops improving
-    early_stopping_patience: int = 3
-    monitor_interval: float = 5.0  # seconds between system samples (system.jsonl); 0 = off
+    early_stopping_patience: PositiveInt = 3
+    # seconds between system samples (system.jsonl); 0 = off
+    monitor_interval: NonNegativeFloat = 5.0
+
+    @field_validator("device")
+    @classmethod
+    def _check_device_name(cls, v: str) -> str:
+        if not is_device_name(v):
+            raise ValueError(f"train.device={v!r} is not a device; use {DEVICE_NAMES}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_batch(self) -> TrainConfig:
+        if self.micro_batch_size > self.batch_size:
+            raise ValueError(
+                f"train.micro_batch_size={self.micro_batch_size} exceeds train.batch_size="
+                f"{self.batch_size} (the global batch per step); lower train.micro_batch_size "
+                "or raise train.batch_size"
+            )
+        return self
 
 
 class OptimConfig(Section):
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
+    lr: NonNegativeFloat = 3e-4  # peak learning rate
+    min_lr_ratio: Fraction = 0.1  # final lr = lr · min_lr_ratio
+    weight_decay: NonNegativeFloat = 0.1
+    betas: tuple[Probability, Probability] = (0.9, 0.95)
+    eps: PositiveFloat = 1e-8
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
-    warmup_steps: int = 10
-    decay_fraction: float = 0.2  # WSD: final fraction of steps spent decaying
+    warmup_steps: NonNegativeInt = 10
+    decay_fraction: Fraction = 0.2  # WSD: final fraction of steps spent decaying
 
 
 class DistConfig(Section):
@@ -237,20 +272,21 @@ class MoRConfig(Section):
     layers share weights over `recursions`; `router` picks each token's depth (`none`: the
     recursive baseline). See models/mor.py."""
 
-    recursions: int = 2
+    recursions: PositiveInt = 2
     sharing: Literal["cycle", "sequence", "middle_cycle", "middle_sequence"] = "middle_cycle"
     router: Literal["expert", "token", "none"] = "expert"
     kv_cache: Literal["recursion", "shared"] = "recursion"  # recursion-wise | recursive sharing
     # 0: Linear(d, out) routers; h > 0: the paper's MLP router, Linear(d, h) → GELU → Linear(h, out)
-    router_hidden: int = 0
-    alpha: float = 0.1  # expert-choice gate α·sigmoid(logit)
+    router_hidden: NonNegativeInt = 0
+    alpha: PositiveFloat = 0.1  # expert-choice gate α·sigmoid(logit)
     # router none only: each recursion's update h + c·F(h) instead of F(h) — the routers'
     # gated update with a fixed gate, an ablation control (docs/log.md); None = plain F(h)
-    baseline_gate: float | None = None
-    aux_loss_coeff: float = 0.001  # expert-choice BCE
-    balance_coeff: float = 0.1  # token-choice Switch-style balancing loss
-    z_loss_coeff: float = 1e-5  # token-choice router z-loss
-    bias_balance_rate: float = 0.0  # token-choice loss-free bias balancing step (0 = off)
+    baseline_gate: PositiveFloat | None = None
+    aux_loss_coeff: NonNegativeFloat = 0.001  # expert-choice BCE
+    balance_coeff: NonNegativeFloat = 0.1  # token-choice Switch-style balancing loss
+    z_loss_coeff: NonNegativeFloat = 1e-5  # token-choice router z-loss
+    # token-choice loss-free bias balancing step (0 = off)
+    bias_balance_rate: NonNegativeFloat = 0.0
     init: Literal["random", "stepwise", "average", "lower", "upper"] = "random"
     init_from: str | None = None  # decoder checkpoint to uptrain from (init != random)
 
@@ -261,23 +297,56 @@ class MoRConfig(Section):
 
     @model_validator(mode="after")
     def _check_mor(self) -> MoRConfig:
-        if self.recursions < 1:
-            raise ValueError(f"mor.recursions must be >= 1, got {self.recursions}")
         if self.baseline_gate is not None and self.router != "none":
-            raise ValueError("mor.baseline_gate applies to the recursive baseline only "
-                             "(mor.router=none); routers learn their own gates")
-        if self.router_hidden < 0:
-            raise ValueError(f"mor.router_hidden must be >= 0 (0 = linear router), got "
-                             f"{self.router_hidden}")
+            raise ValueError(
+                "mor.baseline_gate applies to the recursive baseline only "
+                "(mor.router=none); routers learn their own gates"
+            )
         if (self.init == "random") != (self.init_from is None):
-            raise ValueError("mor.init=random takes no mor.init_from; stepwise/average/lower/"
-                             "upper need mor.init_from=CHECKPOINT (e.g. from stoker import-hf)")
+            raise ValueError(
+                "mor.init=random takes no mor.init_from; stepwise/average/lower/"
+                "upper need mor.init_from=CHECKPOINT (e.g. from stoker import-hf)"
+            )
         cyclic = self.sharing in ("cycle", "middle_cycle")
-        if not cyclic and self.recursions > 1 and (self.router != "none"
-                                                   or self.kv_cache == "shared"):
-            raise ValueError(f"mor.sharing={self.sharing} supports only the recursive baseline "
-                             "(mor.router=none, mor.kv_cache=recursion); routing and KV sharing "
-                             "need a recursion block: use cycle or middle_cycle")
+        if (
+            not cyclic
+            and self.recursions > 1
+            and (self.router != "none" or self.kv_cache == "shared")
+        ):
+            raise ValueError(
+                f"mor.sharing={self.sharing} supports only the recursive baseline "
+                "(mor.router=none, mor.kv_cache=recursion); routing and KV sharing "
+                "need a recursion block: use cycle or middle_cycle"
+            )
+        return self
+
+
+class LoRAConfig(Section):
+    """Low-rank adapters (Hu et al. 2021) on the linear layers `targets` names: W x + s·B A x,
+    s = alpha/r, or alpha/sqrt(r) with `rslora` (Kalajdzievski 2023). See models/lora.py."""
+
+    r: PositiveInt = 8
+    alpha: PositiveFloat = 16.0
+    dropout: Probability = 0.0  # on the adapter's input only
+    # fnmatch patterns on a module's dotted name or a dotted suffix of it (q_proj, self_attn.*,
+    # layers.0.*), comma-separated on the command line; all-linear: every linear but the LM head
+    targets: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
+    rslora: bool = False
+    ranks: dict[str, PositiveInt] | None = None  # pattern -> r; the first matching pattern wins
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _split_targets(cls, v: Any) -> Any:
+        if isinstance(v, str) and v != "all-linear":  # `--lora.targets=q_proj,v_proj`
+            return [t.strip() for t in v.split(",")]
+        return v
+
+    @model_validator(mode="after")
+    def _check_targets(self) -> LoRAConfig:
+        if isinstance(self.targets, list) and (not self.targets or not all(self.targets)):
+            raise ValueError(
+                "lora.targets needs non-empty module patterns (e.g. q_proj,v_proj) or all-linear"
+            )
         return self
 
 
@@ -298,122 +367,50 @@ class RecipeConfig(Section):
             shared = n - 2 if middle else n
             if shared <= 0 or shared % r:
                 name = "model.n_layer-2" if middle else "model.n_layer"
-                raise ValueError(f"mor.sharing={self.mor.sharing} needs {name}={shared} "
-                                 f"divisible by mor.recursions={r}")
+                raise ValueError(
+                    f"mor.sharing={self.mor.sharing} needs {name}={shared} "
+                    f"divisible by mor.recursions={r}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _check_seq_len(self) -> RecipeConfig:
+        seq, most = self.train.seq_len, self.model.max_seq_len
+        if seq is not None and seq > most:  # GPT-2 has no position past it; RoPE is untrained
+            raise ValueError(
+                f"train.seq_len={seq} exceeds model.max_seq_len={most}; lower "
+                "train.seq_len or raise model.max_seq_len"
+            )
         return self
 
 
 # ------------------------------------------------------------------------------- loading
-_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+# YAML, overrides and one-line errors live in config_load.py; re-exported here, the one place
+# callers import configs from.
+from stoker.config_load import (  # noqa: E402
+    dump_config,
+    load_config,
+    parse_override_value,
+    parse_overrides,
+    valid_keys,
+    validate_config,
+)
 
-
-def parse_override_value(text: str) -> Any:
-    """`--a.b=VALUE`: lists/maps/null/bools via YAML; numbers (incl. `3e-4`) and strings as-is
-    for pydantic to coerce against the field's type."""
-    if text.strip().startswith(("[", "{")):
-        try:
-            return yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            raise StokerError(f"cannot parse override value {text!r}: {e}") from None
-    if text.lower() in ("null", "none", "~"):
-        return None
-    return text
-
-
-def parse_overrides(args: list[str]) -> dict[str, Any]:
-    """`["--train.max_steps=30", "--optim.lr", "3e-4"]` -> {"train.max_steps": "30", ...}."""
-    out: dict[str, Any] = {}
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if not arg.startswith("--") or len(arg) <= 2:
-            raise StokerError(f"unexpected argument {arg!r}; overrides look like --section.key=value")
-        key, eq, value = arg[2:].partition("=")
-        if not eq:
-            if i + 1 >= len(args):
-                raise StokerError(f"override --{key} has no value; write --{key}=VALUE")
-            value, i = args[i + 1], i + 1
-        out[key] = parse_override_value(value)
-        i += 1
-    return out
-
-
-def valid_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """Every dotted key a recipe may set."""
-    keys = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        ann = next((a for a in get_args(ann) if a is not type(None)), ann)  # X | None -> X
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            keys += valid_keys(ann, f"{prefix}{name}.")
-        else:
-            keys.append(prefix + name)
-    return keys
-
-
-def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
-    parts = key.split(".")
-    node = tree
-    for p in parts[:-1]:
-        child = node.get(p)
-        if not isinstance(child, dict):
-            child = {} if child is None else child
-            node[p] = child
-        node = child
-    node[parts[-1]] = value
-
-
-def _format_error(err: ValidationError, schema: type[BaseModel], data: dict[str, Any]) -> str:
-    e = err.errors()[0]
-    # union members (`int | Literal["auto"]`) add their tags to the location: leave them out
-    loc = [p for p in e["loc"] if not (isinstance(p, str) and (p in ("int", "bool", "float", "str")
-                                                               or p.startswith("literal[")))]
-    key = ".".join(str(p) for p in loc)
-    if len(err.errors()) > 1 and all(x["loc"][: len(loc)] == e["loc"][: len(loc)]
-                                     for x in err.errors()):
-        e = {**e, "msg": " or ".join(x["msg"] for x in err.errors())}
-    if e["type"] == "extra_forbidden":
-        near = difflib.get_close_matches(key, valid_keys(schema), n=1, cutoff=0.6)
-        hint = f"; did you mean {near[0]}?" if near else ""
-        return f"unknown config key {key!r}{hint}"
-    msg = e["msg"].removeprefix("Value error, ")
-    if not key:
-        return f"invalid config: {msg}"
-    if e["type"] == "value_error":  # our validators name their keys themselves
-        return f"invalid config: {msg}"
-    return f"invalid value for {key}: {e.get('input')!r} ({msg})"
-
-
-def validate_config(data: dict[str, Any], schema: type[BaseModel] = RecipeConfig) -> Any:
-    try:
-        return schema.model_validate(data)
-    except ValidationError as err:
-        raise StokerError(_format_error(err, schema, data)) from None
-
-
-def load_config(path: str | Path | None, overrides: list[str] | dict[str, Any] | None = None,
-                schema: type[BaseModel] = RecipeConfig) -> Any:
-    """Read a YAML recipe (or start from defaults when `path` is None), apply overrides, validate."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise StokerError(f"recipe file not found: {p} (pass a path to a .yaml recipe)")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            where = f" line {line + 1}" if line is not None else ""
-            raise StokerError(f"{p}{where}: not valid YAML ({getattr(e, 'problem', e)})") from None
-        if not isinstance(data, dict):
-            raise StokerError(f"{p}: a recipe must be a YAML mapping of sections")
-    if isinstance(overrides, list):
-        overrides = parse_overrides(overrides)
-    for key, value in (overrides or {}).items():
-        _set_dotted(data, key, value)
-    return validate_config(data, schema)
-
-
-def dump_config(config: BaseModel) -> str:
-    """The resolved config as YAML (printed at start, saved with every checkpoint)."""
-    return yaml.safe_dump(json.loads(config.model_dump_json()), sort_keys=False)
+__all__ = [
+    "DataConfig",
+    "DistConfig",
+    "LoRAConfig",
+    "ModelConfig",
+    "MoRConfig",
+    "OptimConfig",
+    "RecipeConfig",
+    "TokenizerConfig",
+    "TrackConfig",
+    "TrainConfig",
+    "dump_config",
+    "load_config",
+    "parse_override_value",
+    "parse_overrides",
+    "valid_keys",
+    "validate_config",
+]

@@ -7,6 +7,7 @@ to fill the cache (prefill); each new token then costs one single-position forwa
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,13 +17,20 @@ import torch
 from stoker.errors import StokerError
 
 
-def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None
-                ) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Next token ids (B,) from last-position logits (B, V)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # minus the row max, in float64: a tiny temperature then sends the other logits to -inf
+    # instead of the max to inf (inf - inf = nan), and is not rounded to 0 as in float32
+    logits = logits.double()
+    logits = (logits - logits.max(dim=-1, keepdim=True).values) / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -31,6 +39,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
         probs = sorted_logits.softmax(dim=-1)
         # drop a token when the mass of strictly more likely tokens already reaches top_p
         drop = probs.cumsum(dim=-1) - probs >= top_p
+        drop[:, 0] = False  # the most likely token always stays (a tiny top_p keeps only it)
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
@@ -38,13 +47,25 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int | Non
 
 
 @torch.inference_mode()
-def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: int,
-             temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             eos_id: int | None = None, generator: torch.Generator | None = None
-             ) -> Iterator[torch.Tensor]:
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    generator: torch.Generator | None = None,
+) -> Iterator[torch.Tensor]:
     """Yield new token ids (B,) one step at a time; stops after EOS (B = 1) or the budget."""
     B, T = input_ids.shape
-    cache = model.new_cache(B, T + max_new_tokens)
+    try:
+        cache = model.new_cache(B, T + max_new_tokens)
+    except (RuntimeError, TypeError) as e:  # "can't allocate memory"; a size past int64
+        raise StokerError(
+            f"no memory for a KV cache of {T + max_new_tokens:,} positions "
+            f"({str(e).strip().splitlines()[0]}); lower --max-new-tokens"
+        ) from None
     logits = model(input_ids, cache)[:, -1]  # (B, V)
     for i in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
@@ -53,6 +74,15 @@ def generate(model: torch.nn.Module, input_ids: torch.Tensor, max_new_tokens: in
             return
         if i + 1 < max_new_tokens:
             logits = model(nxt[:, None], cache)[:, -1]
+
+
+def check_prompt(prompt: str, source: str = "--prompt") -> None:
+    """Refuse text that is not Unicode, e.g. a non-UTF-8 byte in argv (a lone surrogate)."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = f"byte 0x{ord(prompt[e.start]) & 0xFF:02x}"
+        raise StokerError(f"{source} is not UTF-8 text ({byte} at character {e.start})") from None
 
 
 def _prompt_ids(tokenizer, prompt: str) -> list[int]:
@@ -65,50 +95,73 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     return ids
 
 
-def complete(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float,
-             top_k: int | None, top_p: float | None, generator, stream=None) -> str:
+def complete(
+    model,
+    tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator,
+    stream=None,
+) -> str:
     """Generate a continuation of `prompt`; print it incrementally to `stream` if given."""
     ids = _prompt_ids(tokenizer, prompt)
     max_len = getattr(model.config, "max_seq_len", None)
     if getattr(model, "embed_positions", None) is not None and len(ids) + max_new_tokens > max_len:
-        raise StokerError(f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} "
-                          f"exceeds this model's max_seq_len {max_len}")
+        raise StokerError(
+            f"prompt ({len(ids)} tokens) + --max-new-tokens {max_new_tokens} "
+            f"exceeds this model's max_seq_len {max_len}"
+        )
     device = next(model.parameters()).device
     x = torch.tensor([ids], device=device)
     new: list[int] = []
     shown = ""
-    for tok in generate(model, x, max_new_tokens, temperature, top_k, top_p,
-                        tokenizer.eos_id, generator):
+    for tok in generate(
+        model, x, max_new_tokens, temperature, top_k, top_p, tokenizer.eos_id, generator
+    ):
         new.append(int(tok[0]))
         if stream is not None:
             text = tokenizer.decode(new, skip_special_tokens=True)
             if not text.endswith("\ufffd") and text.startswith(shown):
-                stream.write(text[len(shown):])
+                stream.write(text[len(shown) :])
                 stream.flush()
                 shown = text
     text = tokenizer.decode(new, skip_special_tokens=True)
     if stream is not None:
-        stream.write(text[len(shown):] if text.startswith(shown) else "\n" + text)
+        stream.write(text[len(shown) :] if text.startswith(shown) else "\n" + text)
         stream.write("\n")
         stream.flush()
     return text
 
 
+def check_sampling_args(args) -> None:
+    """Refuse out-of-range sampling options with a one-line StokerError naming the option."""
+    if args.max_new_tokens < 1:
+        raise StokerError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise StokerError(
+            f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}"
+        )
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise StokerError(f"--top-p must be in (0, 1] (1 = off), got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise StokerError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise StokerError(f"--seed must be in [0, 2**63), got {args.seed}")
+    check_prompt(args.prompt)
+
+
 def generate_command(args) -> int:
     """`stoker generate RUN_OR_CKPT --prompt TEXT ...`"""
     from stoker.api import load_model, load_tokenizer
-
-    if args.max_new_tokens < 1:
-        raise StokerError("--max-new-tokens must be at least 1")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise StokerError("--top-p must be in (0, 1]")
-    if args.top_k is not None and args.top_k < 1:
-        raise StokerError("--top-k must be at least 1")
-    if not Path(args.path).exists():
-        raise StokerError(f"no such run, checkpoint or HF directory: {args.path}")
     from stoker.train.distributed import pick_device
 
-    device = pick_device(args.device)
+    check_sampling_args(args)
+    device = pick_device(args.device, "--device")
+    if not Path(args.path).exists():
+        raise StokerError(f"no such run, checkpoint or HF directory: {args.path}")
     model = load_model(args.path, device).eval()
     dtype = getattr(args, "dtype", "auto")
     if dtype == "auto":
@@ -133,8 +186,11 @@ def generate_command(args) -> int:
             prompt = input("> ")
         except EOFError:
             return 0
+        except UnicodeDecodeError as e:
+            raise StokerError(f"stdin is not UTF-8 text (byte 0x{e.object[e.start]:02x})") from None
         if not prompt.strip():
             return 0
+        check_prompt(prompt, "the prompt")
         text = complete(model, tokenizer, prompt, *opts, stream=stream)
         if stream is None:
             print(text)

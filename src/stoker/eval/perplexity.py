@@ -15,30 +15,41 @@ import torch
 from stoker.errors import StokerError
 
 
-def evaluate_checkpoint(path: str | Path, data_dir: str | None = None, split: str = "val",
-                        batches: int | None = None, device: str = "auto") -> dict:
-    """Mean next-token loss over fixed batches of `split` (the run's own data by default)."""
+def evaluate_checkpoint(
+    path: str | Path,
+    data_dir: str | None = None,
+    split: str = "val",
+    batches: int | None = None,
+    device: str = "auto",
+) -> dict:
+    """Mean next-token loss over `batches` (default: the run's train.eval_steps) fixed batches
+    of `split` (the run's own data by default)."""
     from stoker.api import load_model
     from stoker.config import validate_config
     from stoker.data.loader import TokenWindows
     from stoker.data.shards import check_vocab, load_meta
     from stoker.models.gpt import lm_loss
     from stoker.train.checkpoint import read_meta, resolve_checkpoint
+    from stoker.train.distributed import pick_device
 
+    if batches is not None and batches < 1:
+        raise StokerError(
+            f"--batches must be at least 1, got {batches} (omit it for the run's train.eval_steps)"
+        )
+    dev = pick_device(device, "--device")
     ckpt = resolve_checkpoint(path)
     cfg = validate_config(read_meta(ckpt)["config"])
     data_dir = data_dir or cfg.data.dir
     if not Path(data_dir).is_dir():
-        raise StokerError(f"data dir {data_dir} does not exist; pass --data-dir or run "
-                          "`stoker prepare` on the run's recipe")
+        raise StokerError(
+            f"data dir {data_dir} does not exist; pass --data-dir or run "
+            "`stoker prepare` on the run's recipe"
+        )
     meta = load_meta(data_dir)
     check_vocab(meta, cfg.model.vocab_size)
-    from stoker.train.distributed import pick_device
-
-    dev = pick_device(device)
     model = load_model(ckpt, dev).eval()
     seq_len = cfg.train.seq_len or cfg.model.max_seq_len
-    n = batches or cfg.train.eval_steps
+    n = cfg.train.eval_steps if batches is None else batches
     micro = cfg.train.micro_batch_size
     n_micro = max(1, cfg.train.batch_size // micro)
     loader = TokenWindows(data_dir, split, seq_len, micro * n_micro, cfg.train.seed + 1)
@@ -53,24 +64,38 @@ def evaluate_checkpoint(path: str | Path, data_dir: str | None = None, split: st
                     for k, v in model.evaluate_routing(x.to(dev), y.to(dev)).items():
                         routing[k] = routing.get(k, 0.0) + v
     loss = total / count
-    return {"checkpoint": str(ckpt), "data_dir": str(data_dir), "split": split,
-            "batches": n, "tokens": n * micro * n_micro * seq_len, "loss": loss,
-            "perplexity": math.exp(min(loss, 50)),
-            **({"routing": {k: v / count for k, v in routing.items()}} if routing else {})}
+    return {
+        "checkpoint": str(ckpt),
+        "data_dir": str(data_dir),
+        "split": split,
+        "batches": n,
+        "tokens": n * micro * n_micro * seq_len,
+        "loss": loss,
+        "perplexity": math.exp(min(loss, 50)),
+        **({"routing": {k: v / count for k, v in routing.items()}} if routing else {}),
+    }
 
 
 def eval_command(args) -> int:
-    result = evaluate_checkpoint(args.path, args.data_dir, args.split, args.batches)
+    device = getattr(args, "device", "auto")
+    result = evaluate_checkpoint(args.path, args.data_dir, args.split, args.batches, device)
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{result['split']} loss {result['loss']:.4f}  perplexity "
-              f"{result['perplexity']:.2f}  ({result['tokens']:,} tokens, {result['checkpoint']})")
+        print(
+            f"{result['split']} loss {result['loss']:.4f}  perplexity "
+            f"{result['perplexity']:.2f}  ({result['tokens']:,} tokens, {result['checkpoint']})"
+        )
         if "routing" in result:
             r = result["routing"]
-            agree = "  ".join(f"r{k.rsplit('_r', 1)[1]} {v:.1%}" for k, v in r.items()
-                              if k.startswith("mor_agree_r"))
-            print(f"routing: threshold sigmoid(logit) > 0.5 vs training top-k: per-token depth "
-                  f"agreement {r['depth_agreement']:.1%}; decisions {agree or 'n/a'}; loss "
-                  f"top-k {r['loss_topk']:.4f} vs threshold (causal) {r['loss_threshold']:.4f}")
+            agree = "  ".join(
+                f"r{k.rsplit('_r', 1)[1]} {v:.1%}"
+                for k, v in r.items()
+                if k.startswith("mor_agree_r")
+            )
+            print(
+                f"routing: threshold sigmoid(logit) > 0.5 vs training top-k: per-token depth "
+                f"agreement {r['depth_agreement']:.1%}; decisions {agree or 'n/a'}; loss "
+                f"top-k {r['loss_topk']:.4f} vs threshold (causal) {r['loss_threshold']:.4f}"
+            )
     return 0
