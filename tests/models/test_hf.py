@@ -17,7 +17,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
-transformers = pytest.importorskip("transformers")
+try:
+    import transformers
+except ImportError as e:  # the dev extra installs it: a broken install fails, never skips
+    pytest.fail(f"parity needs transformers (pip install -e '.[dev]'): {e}", pytrace=False)
 
 from tokenizers import Tokenizer as HFTokenizer  # noqa: E402
 from tokenizers import models, pre_tokenizers  # noqa: E402
@@ -27,11 +30,11 @@ from stoker.cli import main  # noqa: E402
 from stoker.config import ModelConfig, RecipeConfig  # noqa: E402
 from stoker.data.tokenizer import Tokenizer  # noqa: E402
 from stoker.errors import StokerError  # noqa: E402
+from stoker.hf_dirs import import_hf  # noqa: E402
 from stoker.models.gpt import build_model, lm_loss  # noqa: E402
 from stoker.models.hf import (  # noqa: E402
     config_from_hf,
     hf_config_from,
-    import_hf,
     load_hf_model,
     state_dict_from_hf,
     state_dict_to_hf,
@@ -258,18 +261,19 @@ def test_tied_config_with_a_different_stored_head_is_refused():
         state_dict_from_hf({**hf_sd, "lm_head.weight": torch.zeros(V, 32)}, cfg)
 
 
-def test_sharded_safetensors_and_pytorch_bin_load_like_a_single_file(hf_case, tmp_path):
+def test_sharded_safetensors_load_like_a_single_file_and_pickle_is_refused(hf_case, tmp_path):
     hf, path = hf_case
     want = load_hf_model(path).state_dict()
     sharded, binary = tmp_path / "sharded", tmp_path / "bin"
     hf.save_pretrained(sharded, max_shard_size="20KB")
     assert (sharded / "model.safetensors.index.json").is_file()
-    binary.mkdir()
+    got = load_hf_model(sharded).state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    binary.mkdir()  # pickle weights only: refused (unpickling can run code), with the fix
     (binary / "config.json").write_text((path / "config.json").read_text())
     torch.save(load_file(path / "model.safetensors"), binary / "pytorch_model.bin")
-    for d in (sharded, binary):
-        got = load_hf_model(d).state_dict()
-        assert all(torch.equal(got[k], want[k]) for k in want)
+    with pytest.raises(StokerError, match="holds only pickle weights"):
+        load_hf_model(binary)
 
 
 def test_bias_free_gpt2_exports_with_zero_biases_and_equal_logits(tmp_path, capsys):

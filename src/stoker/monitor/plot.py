@@ -4,16 +4,21 @@ Six panels — loss (val loss dashed), learning rate, tokens/s, MFU, memory, sys
 utilization — with every run overlaid and labelled by its directory name. Uses matplotlib's
 object API (`matplotlib.figure.Figure`, Agg canvas), never pyplot, so it needs no display and
 leaves no global state behind.
+
+A run killed mid-write (kill -9, OOM, a lost node) leaves a partial last line in its JSONL
+files, and a resumed run appends after it: such lines are skipped and counted in one note on
+stderr. A file most of whose lines are not JSON objects is not a run log: one-line error.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 from pathlib import Path
 from typing import Any
 
 from stoker.errors import StokerError
+from stoker.jsonl import read_jsonl
 
 # (panel title, y label, [(row key, line style, label suffix)])
 PANELS: list[tuple[str, str, list[tuple[str, str, str]]]] = [
@@ -32,47 +37,64 @@ SYSTEM_SERIES = [
 ]
 
 
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def series(rows: list[dict[str, Any]], key: str, x: str = "step") -> tuple[list, list]:
     """(xs, ys) of the rows that have a numeric `key` (summary rows excluded)."""
     pts = [
         (r[x], r[key])
         for r in rows
-        if r.get("event") is None
-        and x in r
-        and isinstance(r.get(key), (int, float))
-        and not isinstance(r.get(key), bool)
+        if r.get("event") is None and _number(r.get(x)) and _number(r.get(key))
     ]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
-def read_system(run: Path) -> list[dict[str, Any]]:
-    """system.jsonl rows with `seconds` since the first sample and GPU-0 fields flattened."""
+def read_system(run: Path) -> tuple[list[dict[str, Any]], int]:
+    """(system.jsonl rows with `seconds` since the first sample and GPU-0 fields flattened,
+    lines skipped)."""
     path = run / "system.jsonl"
     if not path.is_file():
-        return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return [], 0
+    rows, bad = read_jsonl(path)
+    rows = [r for r in rows if _number(r.get("time"))]
     t0 = rows[0]["time"] if rows else 0.0
     for r in rows:
         r["seconds"] = r["time"] - t0
-        gpu = (r.get("gpus") or [{}])[0]
-        if "util_percent" in gpu:
+        gpus = r.get("gpus")
+        gpu = gpus[0] if isinstance(gpus, list) and gpus and isinstance(gpus[0], dict) else {}
+        if _number(gpu.get("util_percent")):
             r["gpu_util_percent"] = gpu["util_percent"]
-        if gpu.get("mem_total_gb"):
-            r["gpu_mem_percent"] = 100 * gpu["mem_used_gb"] / gpu["mem_total_gb"]
-    return rows
+        used, total = gpu.get("mem_used_gb"), gpu.get("mem_total_gb")
+        if _number(used) and _number(total) and total > 0:
+            r["gpu_mem_percent"] = 100 * used / total
+    return rows, bad
 
 
 def load_run(run: str | Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(metrics rows, system rows) of a run directory; StokerError if there is nothing."""
-    from stoker.train.tracking import read_metrics
-
+    """(metrics rows, system rows) of a run directory; StokerError if there is nothing.
+    Skipped lines (a partial last line) are reported once per run on stderr."""
     path = Path(run)
     if not path.is_dir():
         raise StokerError(f"{run}: no such run directory")
-    rows = read_metrics(path)
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        raise StokerError(f"no metrics.jsonl in {run}; pass a run directory of `stoker train`")
+    rows, bad = read_jsonl(metrics)
     if not any("loss" in r for r in rows):
-        raise StokerError(f"{path / 'metrics.jsonl'} has no training rows (no `loss`)")
-    return rows, read_system(path)
+        raise StokerError(f"{metrics} has no training rows (no `loss`)")
+    system, bad_system = read_system(path)
+    if bad or bad_system:
+        where = [
+            f"{n} in {f}" for n, f in ((bad, metrics), (bad_system, path / "system.jsonl")) if n
+        ]
+        print(
+            f"stoker: plot: skipped unparsable lines ({', '.join(where)}); a run killed "
+            "mid-write leaves a partial last line",
+            file=sys.stderr,
+        )
+    return rows, system
 
 
 def plot_runs(runs: list[str | Path], out: str | Path | None = None):

@@ -260,17 +260,6 @@ def _run_config(run_dir: Path) -> dict | None:
     return json.loads(metas[-1].read_text()).get("config") if metas else None
 
 
-def _read_records(path: Path) -> list[dict]:
-    records = []
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise StokerError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-    return records
-
-
 def load_run_points(path: str | Path, final_only: bool = False) -> RunPoints:
     """Loss observations of one run (`path`: its metrics.jsonl or the run dir holding it).
 
@@ -286,7 +275,9 @@ def load_run_points(path: str | Path, final_only: bool = False) -> RunPoints:
     metrics = p / "metrics.jsonl" if p.is_dir() else p
     if not metrics.is_file():
         raise StokerError(f"no metrics.jsonl at {p} (pass a run dir or its metrics.jsonl)")
-    records = _read_records(metrics)
+    from stoker.jsonl import read_jsonl
+
+    records = read_jsonl(metrics)[0]  # a partial last line (a killed run) is skipped
     key = "val_loss" if any("val_loss" in r for r in records) else "loss"
     rows = [r for r in records if isinstance(r.get(key), (int, float)) and r[key] > 0]
     config = _run_config(metrics.parent)

@@ -133,7 +133,9 @@ class NullTracker:
 
 
 def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    from stoker.jsonl import read_jsonl
+
     path = Path(out_dir) / "metrics.jsonl"
     if not path.is_file():
         raise StokerError(f"no metrics.jsonl in {out_dir}")
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return read_jsonl(path)[0]  # a partial last line (a killed run) is skipped
