@@ -1,9 +1,16 @@
 """Shared fixtures: a small byte-level BPE tokenizer trained on real text (stdlib source)."""
 
-import sysconfig
-from pathlib import Path
+# What `stoker train` does before torch is imported (stoker/reproducibility.py): MKL reads its
+# reproducible mode when torch loads it, so it is chosen here, first, and every in-process run
+# of the suite is bit-reproducible as CLI runs are.
+from stoker.reproducibility import choose_cpu_math
 
-import pytest
+choose_cpu_math(True)
+
+import sysconfig  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")

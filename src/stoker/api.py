@@ -16,13 +16,8 @@ from stoker.data.tokenizer import Tokenizer
 from stoker.errors import StokerError
 from stoker.models.gpt import Decoder
 from stoker.models.gpt import build_model as _build_decoder
-from stoker.train.checkpoint import (
-    MARKER,
-    load_state_dict_file,
-    load_weights,
-    read_meta,
-    resolve_checkpoint,
-)
+from stoker.train.checkpoint import MARKER, load_weights, read_meta, resolve_checkpoint
+from stoker.train.sharded import materialize
 
 
 def build_model(config: ModelConfig | dict, device: str | torch.device | None = None,
@@ -39,9 +34,10 @@ def build_model(config: ModelConfig | dict, device: str | torch.device | None = 
     model = build_mor(config, mor, device)
     if mor.init_from is not None and str(device) != "meta":
         from stoker.models.mor_init import uptrain
+        from stoker.train.sharded import load_model_state_dict
 
         src = resolve_checkpoint(mor.init_from)
-        uptrain(model, load_state_dict_file(src / "model.safetensors"),
+        uptrain(model, load_model_state_dict(src),
                 validate_config(read_meta(src)["config"]["model"], ModelConfig), mor.init)
     return model
 
@@ -53,7 +49,9 @@ def is_hf_dir(path: str | Path) -> bool:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
     """A model from a run dir (latest checkpoint), a checkpoint dir, or a local HF directory
-    (a `MoRDecoder` for Mixture-of-Recursions runs)."""
+    (a `MoRDecoder` for Mixture-of-Recursions runs). The model is built on the meta device and
+    filled on `device` from the checkpoint one tensor at a time: no random init, and no host
+    copy of the whole model (a sharded checkpoint is consolidated here from its chunks)."""
     if is_hf_dir(path):
         from stoker.models.hf import load_hf_model
 
@@ -61,10 +59,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
     ckpt = resolve_checkpoint(path)
     meta = read_meta(ckpt)
     mor = meta["config"].get("mor")  # a MoR run: its weights replace any uptraining init
-    model = build_model(meta["config"]["model"], mor=mor and {**mor, "init": "random",
-                                                              "init_from": None})
-    load_weights(model, ckpt)
-    return model.to(device).eval()
+    model = build_model(meta["config"]["model"], "meta", mor=mor and {**mor, "init": "random",
+                                                                      "init_from": None})
+    load_weights(materialize(model, device), ckpt)
+    return model.eval()
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -49,3 +49,13 @@ def make_args(tmp_path, data_dir):
 def losses(out_dir: Path) -> dict[int, float]:
     rows = [json.loads(x) for x in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory, data_dir) -> Path:
+    """A finished 12-step run of BASE (checkpoints at 6 and 12); copy it before changing it."""
+    from stoker.train.loop import train
+
+    out = tmp_path_factory.mktemp("finished") / "run"
+    train(load_config(None, [*BASE, f"--data.dir={data_dir}", f"--train.out_dir={out}"]))
+    return out

@@ -5,8 +5,10 @@ is created with nccl on CUDA and gloo on CPU, and the model is wrapped by strate
 - `ddp`: DistributedDataParallel; gradients all-reduced on the last micro-step only.
 - `zero1`: DDP + ZeroRedundancyOptimizer (Adam state sharded across ranks).
 - `fsdp2`: `fully_shard` on every block and the root (parameters, grads and optimizer state
-  sharded); checkpoints go through torch.distributed.checkpoint's full-state-dict API, so a
-  checkpoint is the same safetensors file whatever the strategy and world size.
+  sharded); so are its checkpoints: every rank writes and reads only its own shards through
+  torch.distributed.checkpoint (train/sharded.py). ddp/zero1 checkpoints are full files that
+  rank 0 writes and reads, sending each tensor to the ranks that keep it; every layout resumes
+  under every strategy and world size (see `load_model_optimizer`, docs/cluster.md).
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import contextlib
 import datetime
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -42,14 +44,34 @@ class DistInfo:
         return self.world > 1
 
 
-def pick_device(name: str) -> torch.device:
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+def pick_device(name: str, key: str = "train.device") -> torch.device:
+    """`auto`: cuda, else mps, else cpu. A named device must be one this torch sees, else a
+    StokerError naming `key`, the setting that chose it (`train.device` or `--device`)."""
+    from stoker.config import DEVICE_NAMES, is_device_name
+
+    cli = key.startswith("--")  # a command-line option, or a recipe key set by --key=value
+    said = f"{key} {name}" if cli else f"{key}={name}"
+    fix = f"use {key} auto or cpu" if cli else f"use --{key}=auto or cpu"
+    mps = getattr(torch.backends, "mps", None)
+    has_mps = bool(mps and mps.is_available())
+    if not is_device_name(name):
+        raise StokerError(f"{said} is not a device; use {DEVICE_NAMES}")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if has_mps else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise StokerError(
+            f"{said} but torch sees no CUDA device (torch {torch.__version__}); {fix}"
+        )
+    n = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.type == "cuda" and device.index is not None and device.index >= n:
+        raise StokerError(
+            f"{said} but torch sees {n} CUDA device(s), cuda:0 to cuda:{n - 1}; "
+            f"pick one of them or {fix}"
+        )
+    if device.type == "mps" and not has_mps:
+        raise StokerError(f"{said} but torch sees no MPS (Apple GPU) device; {fix}")
+    return device
 
 
 def init_distributed(device_name: str, backend: str = "auto") -> DistInfo:
@@ -136,17 +158,9 @@ def barrier(info: DistInfo) -> None:
 
 def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str,
                info: DistInfo) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Full (unsharded) model and optimizer state; meaningful on rank 0. Collective."""
-    if strategy == "fsdp2" and info.enabled:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
-
-        opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return (get_model_state_dict(model, options=opts),
-                get_optimizer_state_dict(model, optimizer, options=opts))
+    """Full model and optimizer state of a replicated (ddp, zero1) or one-process run; the
+    optimizer's is meaningful on rank 0 only (ZeRO-1 consolidates its shards there).
+    Collective. FSDP2 runs never gather: they save sharded (train/sharded.py)."""
     if strategy == "zero1" and info.enabled:
         optimizer.consolidate_state_dict(to=0)
         opt_state = optimizer.state_dict() if info.is_main else {}
@@ -155,25 +169,319 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str
     return unwrap(model).state_dict(), opt_state
 
 
-def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str,
-                    info: DistInfo, model_sd: dict[str, torch.Tensor],
-                    opt_sd: dict[str, Any]) -> None:
-    """Inverse of `full_state`: every rank passes the full state it loaded from disk."""
-    if strategy == "fsdp2" and info.enabled:
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            set_model_state_dict,
-            set_optimizer_state_dict,
-        )
+def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
+    """`obj` as rank `src` has it, on every rank (host-side, over the gloo control group)."""
+    if not info.enabled:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=info.control)
+    return box[0]
 
-        opts = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, model_sd, options=opts)
-        set_optimizer_state_dict(model, optimizer, opt_sd, options=opts)
+
+def _failure(e: BaseException) -> str | None:
+    """The one-line message of an error every rank should raise, None for a bug."""
+    if isinstance(e, StokerError):
+        return str(e)
+    if isinstance(e, OSError):
+        return f"{e.filename or 'a file'}: {e.strerror or e}"
+    return None
+
+
+def run_on_main(fn, info: DistInfo, cleanup=None) -> None:
+    """Run `fn()` on rank 0; a StokerError or OSError there is raised as a StokerError on every
+    rank (so no rank waits forever in the next collective). `cleanup()` runs on failure."""
+    message = None
+    if info.is_main:
+        try:
+            fn()
+        except Exception as e:
+            message = _failure(e)
+            if cleanup is not None:
+                cleanup()
+            if message is None or not info.enabled:
+                if message is None:
+                    raise
+                raise StokerError(message) from None
+    message = broadcast_object(message, info)
+    if message:
+        raise StokerError(message)
+
+
+def run_everywhere(fn, info: DistInfo) -> None:
+    """Run `fn()` on every rank; if it fails on any rank, every rank raises (see run_on_main)."""
+    message = None
+    try:
+        fn()
+    except Exception as e:
+        message = _failure(e)
+        if message is None or not info.enabled:
+            if message is None:
+                raise
+            raise StokerError(message) from None
+    messages = [message]
+    if info.enabled:
+        messages = [None] * info.world
+        dist.all_gather_object(messages, message, group=info.control)
+    failed = next((m for m in messages if m), None)
+    if failed:
+        raise StokerError(failed)
+
+
+def _write_failed(path, e: BaseException) -> StokerError:
+    why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return StokerError(f"could not write checkpoint file {path} ({why}); the previous "
+                       "checkpoints are intact — free disk space or choose another "
+                       "train.out_dir")
+
+
+def save_model_optimizer(tmp, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str,
+                         info: DistInfo) -> None:
+    """Collective: write a checkpoint's weights and optimizer state into the staging dir `tmp`.
+    fsdp2 on several processes: every rank writes its own shards (`dcp/`, see
+    train/sharded.py; nothing is gathered). Otherwise rank 0 writes `model.safetensors` and
+    `optimizer.pt` (ZeRO-1 first consolidates the optimizer state on rank 0)."""
+    from safetensors import SafetensorError
+
+    from stoker.train.checkpoint import save_state_dict
+
+    if strategy == "fsdp2" and info.enabled:
+        from stoker.train.sharded import SHARDED_DIR, save_sharded
+
+        try:
+            save_sharded(tmp, model, optimizer, info)
+        except (OSError, RuntimeError) as e:
+            raise _write_failed(getattr(e, "filename", None) or tmp / SHARDED_DIR, e) from None
         return
-    unwrap(model).load_state_dict(model_sd)
-    optimizer.load_state_dict(opt_sd)
+    model_sd, opt_sd = full_state(model, optimizer, strategy, info)
+    if not info.is_main:
+        return
+    for name, write in (("model.safetensors", lambda p: save_state_dict(model_sd, p)),
+                        ("optimizer.pt", lambda p: torch.save(opt_sd, p))):
+        try:
+            write(tmp / name)
+        except (OSError, RuntimeError, SafetensorError) as e:
+            raise _write_failed(tmp / name, e) from None
+
+
+def is_portable(ckpt) -> bool:
+    """Whether a checkpoint's optimizer state loads under any strategy: both layouts do (see
+    load_model_optimizer)."""
+    return True
+
+
+def load_model_optimizer(ckpt, model: nn.Module, optimizer: torch.optim.Optimizer,
+                         strategy: str, info: DistInfo) -> None:
+    """Collective inverse of `save_model_optimizer`, under any strategy and world size, into
+    the model's and optimizer's own (already allocated) tensors:
+    - sharded checkpoint, fsdp2 or one process: DCP, each rank reads only the chunks that
+      overlap its shards (resharding when the world size changed);
+    - full checkpoint, fsdp2 on several processes: rank 0 reads the files, torch's
+      state-dict API broadcasts each tensor and every rank keeps its shard;
+    - ddp / zero1: rank 0 reads (a sharded checkpoint: consolidated on rank 0) and sends each
+      tensor to the ranks that keep it: a broadcast, or under ZeRO-1 only to the owner of that
+      parameter's optimizer state. The other ranks open no checkpoint file.
+    Damaged files are StokerErrors on every rank."""
+    from stoker.train.sharded import is_sharded, load_sharded
+
+    sharded = is_sharded(ckpt)
+    if sharded and (strategy == "fsdp2" or not info.enabled):
+        try:
+            load_sharded(ckpt, model, optimizer, info)
+        except (OSError, RuntimeError, ValueError, KeyError) as e:
+            raise _unreadable(ckpt / "dcp", e) from None
+    elif strategy == "fsdp2" and info.enabled:
+        _load_full_into_shards(ckpt, model, optimizer, info)
+    else:
+        _send_weights(ckpt, model, info)
+        _send_optimizer_state(ckpt, model, optimizer, strategy == "zero1" and info.enabled,
+                              info, sharded)
+
+
+def _unreadable(path, e: BaseException) -> StokerError:
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    return StokerError(f"{path} is unreadable ({first[:200]}); resume from an earlier "
+                       "checkpoint with --train.resume=PATH")
+
+
+def _read_optimizer_file(ckpt) -> dict[str, Any]:
+    """optimizer.pt, memory-mapped (tensors are paged in as they are sent, not copied)."""
+    import pickle
+
+    path = ckpt / "optimizer.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError, ValueError) as e:
+        raise _unreadable(path, e) from None
+
+
+def _param_names(model: nn.Module, optimizer) -> list[str]:
+    """The parameter name of each optimizer index (param_groups order, as state_dict counts)."""
+    names = {}
+    for name, p in unwrap(model).named_parameters():
+        names.setdefault(id(p), name)
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def _send_weights(ckpt, model: nn.Module, info: DistInfo) -> None:
+    """Rank 0 copies the checkpoint's weights into its model (one tensor at a time); each
+    tensor is then broadcast in place into the other ranks' parameters."""
+    from stoker.train.checkpoint import load_weights
+    from stoker.train.sharded import alias_names
+
+    raw = unwrap(model)
+    run_on_main(lambda: load_weights(raw, ckpt), info)
+    if info.enabled:
+        aliases = alias_names(raw)  # tied: the same memory, sent once
+        for name, t in raw.state_dict().items():
+            if name not in aliases:
+                dist.broadcast(t, src=0)
+
+
+def _rekey(sd: dict[str, Any], names: list[str], by_name: bool, path) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter index (as `optimizer.state_dict()` is) or by
+    parameter name (FSDP2's full state dicts, also the optimizer.pt of earlier FSDP2 runs), from
+    either; `names`: each index's parameter name."""
+    index = {n: i for i, n in enumerate(names)}
+
+    def key(k):
+        if by_name:
+            return names[k] if isinstance(k, int) else k
+        return index[k] if isinstance(k, str) else k
+
+    try:
+        return {"state": {key(k): v for k, v in sd["state"].items()},
+                "param_groups": [{**g, "params": [key(p) for p in g["params"]]}
+                                 for g in sd["param_groups"]]}
+    except (KeyError, IndexError, TypeError) as e:
+        raise StokerError(f"{path} does not fit this model's optimizer (no parameter {e}); "
+                          "resume from a checkpoint of this model") from None
+
+
+def _full_optimizer_state(ckpt, model: nn.Module, optimizer, sharded: bool) -> dict[str, Any]:
+    """Rank 0: the whole optimizer state dict, keyed by index as `optimizer.state_dict()` is
+    (a sharded checkpoint's is consolidated here; host memory: all of it)."""
+    names = _param_names(model, optimizer)
+    if not sharded:
+        return _rekey(_read_optimizer_file(ckpt), names, False, ckpt / "optimizer.pt")
+    from stoker.train.sharded import SHARDED_DIR, read_sharded, read_sidecar
+
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    try:
+        for key, t in read_sharded(ckpt, "optim").items():
+            param, _, name = key.rpartition(".")  # "<parameter name>.<state name>"
+            state.setdefault(param, {})[name] = t
+    except (OSError, RuntimeError) as e:
+        raise _unreadable(ckpt / SHARDED_DIR, e) from None
+    groups = read_sidecar(ckpt, optimizer.param_groups)["param_groups"]
+    return _rekey({"state": state, "param_groups": groups}, names, False, ckpt / SHARDED_DIR)
+
+
+def _send_optimizer_state(ckpt, model: nn.Module, optimizer, zero1: bool, info: DistInfo,
+                          sharded: bool) -> None:
+    """Rank 0 reads the optimizer state; every other rank receives, straight into device
+    memory, the tensors it keeps (all of them under DDP, its own partition's under ZeRO-1)."""
+    box: dict[str, Any] = {}
+    run_on_main(lambda: box.update(sd=_full_optimizer_state(ckpt, model, optimizer, sharded)),
+                info)
+    full = box.get("sd")
+    # the structure, with each tensor of more than one element replaced by (shape, dtype)
+    skeleton = None if full is None else {
+        "param_groups": full["param_groups"],
+        "state": {i: {k: _describe(v) for k, v in s.items()} for i, s in full["state"].items()}}
+    skeleton = broadcast_object(skeleton, info)
+    owner = _owners(optimizer, info) if zero1 else None
+    state: dict[int, dict[str, Any]] = {}
+    for i, entries in skeleton["state"].items():
+        mine = owner is None or owner[i] == info.rank
+        kept = {}
+        for k, v in entries.items():
+            if not isinstance(v, _Sent):
+                kept[k] = v
+                continue
+            t = _transfer(full["state"][i][k] if info.is_main else None, v,
+                          None if owner is None else owner[i], info, mine)
+            if t is not None:
+                kept[k] = t
+        if mine:
+            state[i] = kept
+    optimizer.load_state_dict({"state": state, "param_groups": skeleton["param_groups"]})
+
+
+class _Sent(NamedTuple):
+    """Stands for a tensor in the optimizer state's skeleton: it is sent on its own."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+def _describe(v: Any) -> Any:
+    """(shape, dtype) of a tensor that is sent on its own; small values travel as they are
+    (a 0-dim "step" is copied, so nothing keeps the memory-mapped file alive)."""
+    if isinstance(v, torch.Tensor):
+        return _Sent(tuple(v.shape), v.dtype) if v.dim() > 0 else v.clone()
+    return v
+
+
+def _transfer(t: torch.Tensor | None, spec: _Sent, owner: int | None, info: DistInfo,
+              mine: bool) -> torch.Tensor | None:
+    """One state tensor from rank 0 (`t` there) to every rank (`owner` None: a broadcast) or
+    to `owner` only; the ranks that keep it get it on their device."""
+    if info.is_main and (owner is None or owner == 0):
+        buf = t.to(info.device, copy=True)
+    elif mine:
+        buf = torch.empty(spec.shape, dtype=spec.dtype, device=info.device)
+    else:
+        buf = None
+    if info.enabled and owner is None:
+        dist.broadcast(buf, src=0)
+    elif info.enabled and owner != 0:
+        if info.is_main:
+            dist.send(t.to(info.device), dst=owner)
+        elif mine:
+            dist.recv(buf, src=0)
+    return buf
+
+
+def _owners(optimizer, info: DistInfo) -> dict[int, int]:
+    """ZeRO-1: the rank holding each optimizer index's state (its local optimizer's params)."""
+    local = {id(p) for group in optimizer.optim.param_groups for p in group["params"]}
+    flat = [p for group in optimizer.param_groups for p in group["params"]]
+    mine = [i for i, p in enumerate(flat) if id(p) in local]
+    every = [None] * info.world
+    dist.all_gather_object(every, mine, group=info.control)
+    return {i: rank for rank, indices in enumerate(every) for i in indices}
+
+
+def _load_full_into_shards(ckpt, model: nn.Module, optimizer, info: DistInfo) -> None:
+    """A full checkpoint under FSDP2 on several processes: rank 0 reads the files (host memory:
+    the full state, on rank 0 only); `broadcast_from_rank0` sends each tensor and every rank
+    keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from stoker.train.checkpoint import load_state_dict_file
+
+    names = _param_names(model, optimizer)
+    box: dict[str, Any] = {"model": {}, "optim": {}}
+
+    def read() -> None:
+        box["model"] = load_state_dict_file(ckpt / "model.safetensors")
+        box["optim"] = _rekey(_read_optimizer_file(ckpt), names, True, ckpt / "optimizer.pt")
+
+    run_on_main(read, info)
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, box["model"], options=opts)
+    set_optimizer_state_dict(model, optimizer, box["optim"], options=opts)
 
 
 def cleanup(info: DistInfo) -> None:
     if info.enabled and dist.is_initialized():
+        # A gloo worker thread may still be releasing the last collective's tensors, which
+        # takes the GIL; the group's destructor (when DDP/FSDP drop their reference, holding
+        # the GIL) joins that thread: a deadlock. A barrier, waited without the GIL, lets it
+        # finish first.
+        dist.barrier()
         dist.destroy_process_group()

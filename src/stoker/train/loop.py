@@ -25,15 +25,19 @@ from stoker.models.gpt import lm_loss
 from stoker.monitor.advice import AdviceOnce, advise, print_advice, signals_for_run
 from stoker.monitor.system import start_monitor
 from stoker.train import distributed as D
+from stoker.train.checkpoint import remove_staging_dirs
 from stoker.train.guard import NonFiniteGuard
 from stoker.train.optim import build_optimizer, lr_at
+from stoker.train.runlock import RunLock
+from stoker.train.sharded import materialize
 from stoker.train.state import (
     check_out_dir,
     find_resume,
     load_training_state,
     save_training_state,
+    trim_metrics,
 )
-from stoker.train.telemetry import Throughput, memory_gb, progress_bar
+from stoker.train.telemetry import Throughput, erase_on_error, memory_gb, progress_bar
 
 
 class StopFlag:
@@ -110,15 +114,26 @@ def evaluate(model, loader, n_batches: int, info: D.DistInfo, amp, n_micro: int)
 
 def train(cfg: RecipeConfig) -> dict[str, Any]:
     """Train `cfg` to `train.max_steps` (or until stopped); returns the run summary."""
+    t, info = cfg.train, D.init_distributed(cfg.train.device, cfg.dist.backend)
+    out = Path(t.out_dir)
+    with contextlib.ExitStack() as held:
+        if info.is_main:
+            check_out_dir(out)
+            held.enter_context(RunLock(out))  # one run per out_dir; released on any exit
+            remove_staging_dirs(out)  # what killed saves left behind
+        return _train(cfg, t, info, out)
+
+
+def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
     from stoker.data.loader import BatchStream, TokenWindows, loader_settings
     from stoker.data.prepare import prepare
     from stoker.data.shards import check_vocab, load_meta
+    from stoker.reproducibility import configure
 
-    t, info = cfg.train, D.init_distributed(cfg.train.device, cfg.dist.backend)
-    out = Path(t.out_dir)
+    deterministic = t.deterministic if t.deterministic != "auto" else info.device.type == "cpu"
+    repro = configure(deterministic, info.device.type)  # before any tensor math
     prep_stats: dict[str, float] = {}  # tokens/s, if this run tokenized the corpus itself
     if info.is_main:
-        check_out_dir(out)
         (out / "config.yaml").write_text(dump_config(cfg))
         print(f"stoker: training {cfg.recipe} on {info.device} × {info.world}, "
               f"writing {out}\n{dump_config(cfg)}", flush=True)
@@ -134,7 +149,11 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
-    raw = build_model(cfg.model, mor=cfg.mor).to(info.device)
+    ckpt = find_resume(t.resume, out, info)
+    if ckpt is None:
+        raw = build_model(cfg.model, mor=cfg.mor).to(info.device)
+    else:  # shapes on meta, then uninitialized memory the checkpoint fills: no random init
+        raw = materialize(build_model(cfg.model, "meta", mor=cfg.mor), info.device)
     aux_loss, telemetry = getattr(raw, "auxiliary_loss", None), getattr(raw, "telemetry", None)
     if t.activation_checkpointing:
         apply_activation_checkpointing(raw)
@@ -146,12 +165,14 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     torch.manual_seed(t.seed + 1000 + info.rank)  # dropout streams differ per rank
 
     step, best_val, bad_evals = 0, math.inf, 0
-    ckpt = find_resume(t.resume, out, cfg)
     if ckpt is not None:
         state = load_training_state(ckpt, model, opt, cfg, info, train_data)
         step, best_val, bad_evals = state["step"], state["best_val"], state["bad_evals"]
         if info.is_main:
-            print(f"stoker: resuming from step {step} ({ckpt})", flush=True)
+            dropped = trim_metrics(out, step)  # rows logged after that checkpoint
+            print(f"stoker: resuming from step {step} ({ckpt})" + (
+                f"; dropped {dropped} metrics row(s) logged after it" if dropped else ""),
+                flush=True)
     fwd = torch.compile(model) if t.compile else model
 
     loading = loader_settings(info.device.type, cfg.data.num_workers, cfg.data.pin_memory,
@@ -167,6 +188,7 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     stopped, last_val, loss_mean = None, None, None
     live_advice = AdviceOnce()  # advice printed at the start, then when a rule first fires
     if info.is_main:  # config-level advice (nothing measured yet)
+        print(f"stoker: deterministic: {repro}", flush=True)
         print(f"stoker: data loading: {loading['num_workers']} worker(s), pin_memory "
               f"{loading['pin_memory']}" + (f", prefetch {loading['prefetch_factor']} per worker"
                                             if loading["num_workers"] else ""), flush=True)
@@ -180,7 +202,8 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
 
     model.train()
     with StopFlag() as flag, batches, start_monitor(out, t.monitor_interval, info.is_main,
-                                                   info.device.index or 0) as monitor:
+                                                   info.device.index or 0) as monitor, \
+            erase_on_error(bar):
         while step < t.max_steps:
             lr = lr_at(step, t.max_steps, cfg.optim)
             for group in opt.param_groups:
@@ -188,6 +211,7 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
             meter.start_step()
             loss_sum = torch.zeros((), device=info.device)
             for micro in range(n_micro):
+                meter.wait_for_data()
                 x, y = next(batches)
                 x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
                 meter.data_ready()

@@ -1,15 +1,18 @@
 """Saving and restoring the whole training state: weights, optimizer, RNG, loader, counters.
 
-A training checkpoint is a model checkpoint (train/checkpoint.py) plus `optimizer.pt`
+A training checkpoint is a model checkpoint (train/checkpoint.py) plus the optimizer state
 (loaded with `weights_only=True`) and `trainer_state.json` (step, every rank's RNG states,
-loader state, strategy, early-stopping counters). Weights and optimizer state are stored
-unsharded whatever the strategy, so a run can resume on a different number of processes.
+loader state, strategy, early-stopping counters). How weights and optimizer state are laid out
+per strategy is `distributed.save_model_optimizer`'s business; every layout resumes on a
+different number of processes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +25,15 @@ from stoker.errors import StokerError
 from stoker.train import distributed as D
 from stoker.train.checkpoint import (
     CKPT_SUBDIR,
-    list_checkpoints,
-    load_state_dict_file,
+    begin_checkpoint,
+    latest_intact,
     prune_checkpoints,
+    publish_checkpoint,
     read_meta,
     resolve_checkpoint,
-    save_model_checkpoint,
+    staging_dir,
     step_dir_name,
+    write_checkpoint_extras,
 )
 
 IGNORED_MODEL_KEYS = {"preset", "dropout", "init_std"}  # may differ between save and resume
@@ -45,14 +50,20 @@ def check_out_dir(out: Path) -> None:
                           "choose another --train.out_dir") from None
 
 
-def find_resume(resume: str, out: Path, cfg: RecipeConfig) -> Path | None:
-    """The checkpoint to resume from: `auto` = the run's latest (if any), `never`, or a path."""
+def find_resume(resume: str, out: Path, info: D.DistInfo) -> Path | None:
+    """The checkpoint to resume from: `auto` = the run's newest intact one (damaged newer ones
+    are skipped with a message), `never`, or a path (which must be intact). Rank 0 decides and
+    tells the others, so every rank resumes from the same step."""
     if resume == "never":
         return None
-    if resume == "auto":
-        found = list_checkpoints(out)
-        return found[-1] if found else None
-    return resolve_checkpoint(resume)
+    found: list[Path | None] = [None]
+
+    def decide() -> None:  # rank 0 alone verifies (hashes) the files: the others read none
+        found[0] = (resolve_checkpoint(resume) if resume != "auto" else
+                    latest_intact(out, lambda msg: print(msg, flush=True)))
+
+    D.run_on_main(decide, info)
+    return D.broadcast_object(found[0], info)
 
 
 def check_compatible(ckpt: Path, cfg: RecipeConfig) -> None:
@@ -90,27 +101,37 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_training_state(out: Path, step: int, model, opt, cfg: RecipeConfig, info: D.DistInfo,
-                        loader, counters: dict[str, Any], data_dir: str) -> None:
-    """Collective: every rank calls it; rank 0 writes `out/checkpoints/step-N/` atomically."""
-    model_sd, opt_sd = D.full_state(model, opt, cfg.dist.strategy, info)
+                        loader, counters: dict[str, Any], data_dir: str) -> Path:
+    """Collective: every rank calls it. Weights and optimizer state go into a staging dir
+    (`D.save_model_optimizer`: by rank 0, or by every rank for its shards), then rank 0 adds
+    the trainer state and tokenizer, publishes `out/checkpoints/step-N/` with its manifest and
+    prunes. A failure on any rank (a full disk) is a StokerError on every rank."""
+    final = out / CKPT_SUBDIR / step_dir_name(step)
     rng = [None] * info.world
     if info.enabled:
         dist.all_gather_object(rng, _rng_state())
     else:
         rng = [_rng_state()]
-    if info.is_main:
+    D.run_on_main(lambda: begin_checkpoint(final), info)
+    tmp = staging_dir(final)
+    try:
+        D.run_everywhere(lambda: D.save_model_optimizer(tmp, model, opt, cfg.dist.strategy,
+                                                        info), info)
+    except StokerError:
+        if info.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    def publish() -> None:
         trainer_state = {"step": step, "world": info.world, "strategy": cfg.dist.strategy,
                          "rng": rng, "loader": loader.state_dict(), **counters}
+        (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
+        write_checkpoint_extras(tmp, Path(data_dir) / "tokenizer", None)
+        publish_checkpoint(tmp, final, {"step": step, "config": cfg.model_dump(mode="json")})
+        prune_checkpoints(out, cfg.train.keep_last, keep=final)
 
-        def write(tmp: Path) -> None:
-            torch.save(opt_sd, tmp / "optimizer.pt")
-            (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-
-        save_model_checkpoint(out / CKPT_SUBDIR / step_dir_name(step), model_sd,
-                              cfg.model_dump(mode="json"), Path(data_dir) / "tokenizer", step,
-                              extra=write)
-        prune_checkpoints(out, cfg.train.keep_last)
-    D.barrier(info)
+    D.run_on_main(publish, info, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True))
+    return final
 
 
 def load_training_state(ckpt: Path, model, opt, cfg: RecipeConfig, info: D.DistInfo,
@@ -121,14 +142,18 @@ def load_training_state(ckpt: Path, model, opt, cfg: RecipeConfig, info: D.DistI
     if not path.is_file():
         raise StokerError(f"{ckpt} is a model checkpoint without training state; to start "
                           "from its weights use it as an init, not train.resume")
-    state = json.loads(path.read_text())
-    if state.get("strategy", "ddp") == "fsdp2" and cfg.dist.strategy != "fsdp2" or \
-            cfg.dist.strategy == "fsdp2" and state.get("strategy", "ddp") != "fsdp2":
-        raise StokerError(f"{ckpt} was saved with dist.strategy={state.get('strategy')}; resume "
-                          f"with the same strategy (this run uses {cfg.dist.strategy})")
-    model_sd = load_state_dict_file(ckpt / "model.safetensors")
-    opt_sd = torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True)
-    D.load_full_state(model, opt, cfg.dist.strategy, info, model_sd, opt_sd)
+    try:
+        state = json.loads(path.read_text())
+        if not isinstance(state, dict) or not isinstance(state.get("step"), int):
+            raise ValueError("no step")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise StokerError(f"{path} is unreadable ({e}); resume from an earlier checkpoint "
+                          "with --train.resume=PATH") from None
+    saved = state.get("strategy", "ddp")
+    if (saved == "fsdp2") != (cfg.dist.strategy == "fsdp2") and not D.is_portable(ckpt):
+        raise StokerError(f"{ckpt} was saved with dist.strategy={saved}; resume with the same "
+                          f"strategy (this run uses {cfg.dist.strategy})")
+    D.load_model_optimizer(ckpt, model, opt, cfg.dist.strategy, info)
     if state.get("world") == info.world:
         _set_rng_state(state["rng"][info.rank])
     loader.load_state_dict(state["loader"])
@@ -137,5 +162,30 @@ def load_training_state(ckpt: Path, model, opt, cfg: RecipeConfig, info: D.DistI
     return state
 
 
+def trim_metrics(out: Path, step: int) -> int:
+    """Drop the rows of metrics.jsonl after `step` (written after the checkpoint a run resumes
+    from) and any partial last line, so a resumed run has one row per step. Returns how many
+    rows were dropped."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    keep, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            dropped += 1
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] > step:
+            dropped += 1
+            continue
+        keep.append(line)
+    if dropped:
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in keep))
+        os.replace(tmp, path)
+    return dropped
+
+
 __all__ = ["check_out_dir", "find_resume", "load_training_state", "save_training_state",
-           "step_dir_name"]
+           "step_dir_name", "trim_metrics"]

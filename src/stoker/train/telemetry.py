@@ -9,6 +9,7 @@ the peak is a matmul rate measured once per process in the run's dtype, and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -114,14 +115,16 @@ class Throughput:
         self.w_tokens, self.w_time, self.w_data = 0, 0.0, 0.0
 
     def start_step(self) -> None:
-        self.t_mark = time.perf_counter()
         if self.last_end is None:
-            self.last_end = self.t_mark
+            self.last_end = time.perf_counter()
+
+    def wait_for_data(self) -> None:
+        """The loop asks for the next micro-batch now; `data_ready` ends the wait. Only this
+        interval counts as data wait (not the forward/backward of earlier micro-batches)."""
+        self.t_mark = time.perf_counter()
 
     def data_ready(self) -> None:
-        now = time.perf_counter()
-        self.w_data += now - self.t_mark
-        self.t_mark = now
+        self.w_data += time.perf_counter() - self.t_mark
 
     def end_step(self, tokens: int) -> None:
         """Step time is wall time since the previous step ended: logging and the progress bar
@@ -180,6 +183,17 @@ def memory_gb(info) -> dict[str, float]:
             torch.cuda.is_available() and torch.cuda.is_initialized():
         return {"memory_gb": torch.cuda.max_memory_allocated() / 1e9}
     return {"memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
+
+
+@contextlib.contextmanager
+def erase_on_error(bar):
+    """Clear the progress bar when the run fails, so the error is the last line on stderr."""
+    try:
+        yield bar
+    except BaseException:
+        bar.leave = False
+        bar.close()
+        raise
 
 
 def progress_bar(initial: int, total: int, enabled: bool):
