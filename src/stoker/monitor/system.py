@@ -3,9 +3,10 @@
 `sample_system()` takes one reading. psutil gives CPU/RAM/RSS; NVML (`pynvml`, package
 nvidia-ml-py) gives each GPU's memory, utilization, power and temperature; `torch.cuda` gives
 the caching allocator's view of this process (`torch.mps` on Apple silicon). Each source is optional: a missing package or
-a failing call leaves its fields out, never raises. `SystemSampler` runs `sample_system` every
-`interval` seconds on a daemon thread and appends the rows to `out_dir/system.jsonl`, so the
-training loop only reads the latest sample (an attribute) and never waits on a sensor.
+a failing call leaves its fields out, never raises. `SystemSampler.tick()` takes one sample and
+appends it to `out_dir/system.jsonl`; its daemon thread ticks every `interval` seconds and once
+more on stop, so the training loop only reads the latest sample (an attribute) and never waits
+on a sensor. Tests call `tick()` themselves instead of sleeping until the thread has run.
 """
 
 from __future__ import annotations
@@ -211,20 +212,33 @@ class SystemSampler(NullMonitor):
     """Samples the system every `interval` s on a daemon thread into `path` (JSON lines).
 
     `latest` is the most recent sample (replaced atomically, so reading it is free);
-    `step` is stamped on each row when the loop sets it.
+    `step` is stamped on each row when the loop sets it. `tick()` takes one sample now: the
+    thread calls it on its interval and once more when stopped; a test calls it directly.
     """
 
     def __init__(self, path: str | Path | None, interval: float = 5.0, gpu_index: int = 0):
         super().__init__()
         self.path, self.interval, self.gpu_index = path, interval, gpu_index
         self._stop = threading.Event()
+        self._primed = threading.Event()
+        self._cost_lock = threading.Lock()  # the thread's ticks and the loop's postfix both add
         self._thread = threading.Thread(target=self._run, name="stoker-monitor", daemon=True)
 
     def start(self) -> SystemSampler:
+        """Start the thread; returns once its CPU counter is primed, so the first row's CPU
+        reading covers the time since `start()`."""
         self._thread.start()
+        self._primed.wait()
         return self
 
-    def _sample(self) -> dict[str, Any]:
+    def _add_cost(self, seconds: float) -> None:
+        with self._cost_lock:
+            self.cost_seconds += seconds
+
+    def tick(self) -> dict[str, Any]:
+        """Take one sample now: stamp step and data wait, append it to `path`, make it
+        `latest`. Its CPU % covers the time since the previous reading in the same thread
+        (psutil keeps one counter per thread)."""
         t0 = time.thread_time()
         row = {**sample_system(), "step": self.step}
         if self.data_wait is not None:
@@ -232,28 +246,33 @@ class SystemSampler(NullMonitor):
         if self.path is not None:
             with open(self.path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        self.cost_seconds += time.thread_time() - t0
+        self.latest = row
+        self._add_cost(time.thread_time() - t0)
         return row
 
     def _run(self) -> None:
-        # prime psutil's CPU counter in this thread (psutil keeps one per thread); the first
-        # row comes after one interval
-        host_stats()
+        # prime psutil's CPU counter in this thread, so its first row is a reading and not
+        # psutil's 0.0 placeholder; the first row comes after one interval
+        try:
+            host_stats()
+        finally:
+            self._primed.set()  # never leave start() waiting
+        _nvml()  # one-time driver set-up, not a per-sample cost
         while not self._stop.wait(self.interval):
-            self.latest = self._sample()
+            self.tick()
+        self.tick()  # the final sample, on this thread's CPU counter like the others
 
     def stop(self) -> None:
-        """Stop the thread and write a final sample."""
+        """Stop the thread after it has written a final sample."""
         if self._thread.is_alive():
             self._stop.set()
             self._thread.join()
-            self.latest = self._sample()
 
     def postfix(self, row: dict[str, Any]) -> str:
         t0 = time.perf_counter()
         self.observe(row)
         line = summary_line(self.latest, row.get("data_wait"), self.gpu_index)
-        self.cost_seconds += time.perf_counter() - t0
+        self._add_cost(time.perf_counter() - t0)
         return f" | {line}" if line else ""
 
 
