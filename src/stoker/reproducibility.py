@@ -32,7 +32,21 @@ def choose_cpu_math(deterministic: bool) -> None:
     if not deterministic or "MKL_CBWR" in os.environ:
         return
     os.environ["MKL_CBWR"] = STRICT_MODE
+    # CNR holds for a fixed thread count: under load MKL otherwise picks fewer threads per call
+    # (measured: runs differed while another process kept a core busy, and were identical
+    # with these set); the count is what torch's intra-op pool will use
+    threads = os.environ.get("OMP_NUM_THREADS") or str(_cores())
+    for key, value in (("MKL_NUM_THREADS", threads), ("MKL_DYNAMIC", "FALSE"),
+                       ("OMP_DYNAMIC", "FALSE")):
+        os.environ.setdefault(key, value)
     _SET_TOO_LATE[:] = ["torch" in sys.modules]
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
 
 
 def choose_for_recipe(recipe: str | None, overrides: list[str]) -> None:
