@@ -157,3 +157,26 @@ def test_count_and_plan_do_not_import_torch():
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--gpu", "h100", "--hours", "nan"], "--hours must be positive finite numbers"),
+        (["--gpu", "h100", "--hours", "inf"], "--hours must be positive finite numbers"),
+        (["--tokens", "1e999"], "--hours must be positive finite numbers"),
+        (["--budget-flops", "1e999"], "--hours must be positive finite numbers"),
+        (["--price-per-gpu-hour", "nan"], "--target-loss must be finite numbers >= 0"),
+        (["--price-per-gpu-hour", "-1"], "--target-loss must be finite numbers >= 0"),
+        (["--target-loss", "nan"], "--target-loss must be finite numbers >= 0"),
+        (["--target-loss", "inf"], "--target-loss must be finite numbers >= 0"),
+        (["--num-gpus", str(2**1100)], "--num-gpus must be in [1, 2**63)"),
+        (["--seq-len", str(10**400)], "--num-gpus must be in [1, 2**63)"),
+    ],
+)
+def test_plan_refuses_non_finite_and_overflowing_numbers(argv, message, capsys):
+    """Found by tests/test_fuzz.py: these printed nan/inf as the plan, or raised a TypeError
+    (an overflowing --num-gpus made the throughput inf and the hours 0)."""
+    assert main(["plan", "--preset", "llama-1.36b", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

@@ -113,8 +113,8 @@ def _shape(cfg: RecipeConfig, args: argparse.Namespace) -> tuple[int, int, str]:
     T = args.seq_len if args.seq_len is not None else cfg.train.seq_len or m.max_seq_len
     mb = args.micro_batch_size
     mb = mb if mb is not None else cfg.train.micro_batch_size
-    if T <= 0 or mb <= 0 or args.num_gpus <= 0:
-        raise StokerError("--seq-len, --micro-batch-size and --num-gpus must be positive")
+    if not (0 < T < 2**63 and 0 < mb < 2**63 and 0 < args.num_gpus < 2**63):  # floats overflow
+        raise StokerError("--seq-len, --micro-batch-size and --num-gpus must be in [1, 2**63)")
     if m.arch == "gpt2" and m.max_seq_len < T:
         raise StokerError(
             f"seq_len {T} exceeds model.max_seq_len={m.max_seq_len} of a "
@@ -256,8 +256,9 @@ def _throughput(args: argparse.Namespace, per_token: float) -> dict:
     """Device, peak and tokens/s = GPUs × peak × MFU ÷ FLOPs/token (None without --gpu)."""
     if not 0 < args.mfu <= 1:
         raise StokerError(f"--mfu must be in (0, 1], got {args.mfu}")
-    if args.price_per_gpu_hour is not None and args.price_per_gpu_hour < 0:
-        raise StokerError("--price-per-gpu-hour must not be negative")
+    optional = (args.price_per_gpu_hour, args.target_loss)
+    if not all(0 <= v < math.inf for v in optional if v is not None):  # nan fails too
+        raise StokerError("--price-per-gpu-hour and --target-loss must be finite numbers >= 0")
     if args.gpu is None:
         keys = ("gpu", "gpu_name", "peak_flops", "tokens_per_second", "device_memory_gib")
         return {**dict.fromkeys(keys), "dtype": args.dtype}
@@ -288,8 +289,8 @@ def _tokens(
 ) -> tuple[float, str]:
     """Training tokens D and where they come from."""
     given = [v for v in (args.tokens, args.budget_flops, args.hours) if v is not None]
-    if given and given[0] <= 0:
-        raise StokerError("--tokens, --budget-flops and --hours must be positive")
+    if given and not 0 < given[0] < math.inf:  # nan, inf (1e999) and <= 0
+        raise StokerError("--tokens, --budget-flops and --hours must be positive finite numbers")
     if args.tokens is not None:
         return args.tokens, "--tokens"
     if args.budget_flops is not None:
