@@ -560,18 +560,14 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @fuzz_settings(examples=60)
+@example(argv=["plan", "--preset", "tiny-llama", "--law", "1,1,1,0,0"], recipe="")
+@example(argv=["plan", "--preset", "tiny-llama", "--law", "1,1,1,1000,0.5"], recipe="")
 @given(argv=count_plan_args(), recipe=recipes)
 @example(argv=["plan", "--preset", "tiny-llama", "--gpu", "H100 SXM", "--hours", "nan"], recipe="")
 @example(argv=["plan", "--preset", "tiny-llama", "--tokens", "1e999"], recipe="")
 @example(argv=["plan", "--preset", "tiny-llama", "--price-per-gpu-hour", "inf"], recipe="")
 @example(argv=["plan", "--preset", "tiny-llama", "--target-loss", "nan"], recipe="")
 @example(argv=["plan", "--preset", "tiny-llama", "--num-gpus", str(2**1100)], recipe="")
-@example(argv=["plan", "--preset", "tiny-llama", "--law", "1,1,1,0,0"], recipe="").xfail(
-    raises=ZeroDivisionError, reason="scaling/laws.py parse_law accepts alpha, beta, A, B = 0"
-)
-@example(argv=["plan", "--preset", "tiny-llama", "--law", "1,1,1,1000,0.5"], recipe="").xfail(
-    raises=OverflowError, reason="scaling/laws.py: N**1000 overflows in Chinchilla.loss"
-)
 def test_fuzzed_count_and_plan_arguments_answer_or_refuse_in_one_line(
     argv, recipe, fuzz_root, capsys
 ):
@@ -755,14 +751,6 @@ def corrupt(path: Path, corruption: tuple) -> None:
 COMMANDS = ["train", "eval", "generate", "export-hf"]
 
 
-def known(target, corruption, command, raises, reason: str) -> example:
-    """A finding in code this test does not own, kept as a strict expected failure: when it is
-    fixed this example passes, the xfail fails, and the mark must go (the fuzzer still draws
-    such cases, so the test stays red until then)."""
-    case = example(target=target, corruption=corruption, both=False, command=command)
-    return case.xfail(raises=raises, reason=reason)
-
-
 DIRECTORY = ("directory", None)
 MARKER_CONFIG, MARKER_FILES = 3, 4  # stoker.json: format, version, step, config, files
 META_DTYPE = 3  # meta.json: format, version, vocab_size, dtype, ...
@@ -775,45 +763,16 @@ META_DTYPE = 3  # meta.json: format, version, vocab_size, dtype, ...
     both=st.booleans(),
     command=st.sampled_from(COMMANDS),
 )
-@known(("run", ".lock"), DIRECTORY, "train", IsADirectoryError, "train/runlock.py: os.open")
-@known(("run", "config.yaml"), DIRECTORY, "train", IsADirectoryError, "train/loop.py: write_text")
-@known(("run", "metrics.jsonl"), DIRECTORY, "train", IsADirectoryError, "train/tracking.py: open")
-@known(("run", "summary.json"), DIRECTORY, "train", IsADirectoryError, "train/tracking.py")
-@known(
-    ("ckpt", "stoker.json"),
-    ("json-field", (MARKER_FILES, 5)),
-    "eval",
-    AttributeError,
-    "train/checkpoint.py checkpoint_problem: files.items() of a non-dict manifest",
-)
-@known(
-    ("ckpt", "stoker.json"),
-    ("json-field", (MARKER_CONFIG, None)),
-    "train",
-    AttributeError,
-    "train/state.py check_compatible: config.get() of a non-dict config",
-)
-@known(
-    ("ckpt", "stoker.json"),
-    ("json-field", (MARKER_CONFIG, None)),
-    "generate",
-    AttributeError,
-    "api.py load_model: meta['config'].get() of a non-dict config",
-)
-@known(
-    ("ckpt", "stoker.json"),
-    ("json-field", (MARKER_CONFIG, None)),
-    "export-hf",
-    AttributeError,
-    "hf_dirs.py export_hf: config.get() of a non-dict config",
-)
-@known(
-    ("data", "meta.json"),
-    ("json-field", (META_DTYPE, {"a": 1})),
-    "eval",
-    TypeError,
-    "data/shards.py load_meta: a dict dtype is unhashable",
-)
+@example(target=("run", ".lock"), corruption=DIRECTORY, both=False, command="train")
+@example(target=("run", "metrics.jsonl"), corruption=DIRECTORY, both=False, command="train")
+@example(target=("ckpt", "stoker.json"), corruption=("json-field", (MARKER_FILES, 5)),
+         both=False, command="eval")
+@example(target=("ckpt", "stoker.json"), corruption=("json-field", (MARKER_CONFIG, None)),
+         both=False, command="generate")
+@example(target=("ckpt", "stoker.json"), corruption=("json-field", (MARKER_CONFIG, None)),
+         both=False, command="export-hf")
+@example(target=("data", "meta.json"), corruption=("json-field", (META_DTYPE, {"a": 1})),
+         both=False, command="eval")
 def test_corrupted_run_or_data_file_falls_back_or_is_refused_in_one_line(
     target, corruption, both, command, fuzz_root, corpus, trained_run, capsys
 ):

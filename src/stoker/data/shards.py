@@ -220,7 +220,7 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
     missing = [k for k in ("vocab_size", "dtype", "splits", "tokenizer_dir") if k not in meta]
     if missing:
         raise _fail(d, f"{META_FILE} lacks {', '.join(missing)}")
-    if meta["dtype"] not in DTYPES:
+    if not isinstance(meta["dtype"], str) or meta["dtype"] not in DTYPES:
         raise _fail(d, f"{META_FILE} has unknown dtype {meta['dtype']!r}")
     if not _is_count(meta["vocab_size"]) or not isinstance(meta["splits"], dict):
         raise _fail(d, f"{META_FILE} has a malformed vocab_size or splits")

@@ -84,7 +84,13 @@ def checkpoint_problem(ckpt: str | Path) -> str | None:
         return f"{MARKER} is unreadable ({e})"
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         return f"{MARKER} is not stoker checkpoint metadata"
+    config = meta.get("config")
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        return f"{MARKER} has no model config"
     files = meta.get("files")
+    if files is not None and not (isinstance(files, dict) and all(
+            isinstance(v, dict) for v in files.values())):
+        return f"{MARKER} has a malformed file manifest"
     if files is None:  # written before manifests
         weights = ckpt / "model.safetensors"
         return None if weights.is_file() or (ckpt / "model").is_dir() else \
@@ -154,6 +160,9 @@ def read_meta(ckpt: str | Path) -> dict[str, Any]:
         raise StokerError(f"unreadable checkpoint metadata {path}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StokerError(f"{path} is not a stoker checkpoint metadata file")
+    if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"].get("model"),
+                                                                   dict):
+        raise StokerError(f"{path} has no model config; use another checkpoint")
     return meta
 
 

@@ -39,7 +39,14 @@ from stoker.train.checkpoint import (
 IGNORED_MODEL_KEYS = {"preset", "dropout", "init_std"}  # may differ between save and resume
 
 
+RUN_FILES = (".lock", "config.yaml", "metrics.jsonl", "summary.json")  # what a run writes
+
+
 def check_out_dir(out: Path) -> None:
+    for name in RUN_FILES:
+        if (out / name).is_dir():
+            raise StokerError(f"{out / name} is a directory, where the run writes a file; "
+                              "remove it or choose another --train.out_dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
