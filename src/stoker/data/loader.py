@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from stoker.data.rng import hash_keys, name_key, uniform_ints
+from stoker.data.rng import hash_keys, micro_slice, name_key, uniform_ints
 from stoker.data.shards import load_meta, open_split
 from stoker.errors import StokerError
 from stoker.monitor.system import cpu_cores
@@ -92,17 +92,8 @@ class TokenWindows:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's micro-slice of the global batch of `step`: (inputs, targets), each
         (batch_size // (world·n_micro), seq_len) int64; targets are inputs shifted by one."""
-        parts = world * n_micro
-        if self.batch_size % parts:
-            raise StokerError(
-                f"global batch size {self.batch_size} is not divisible by "
-                f"{world} processes × {n_micro} micro-steps"
-            )
-        if not (0 <= rank < world and 0 <= micro < n_micro):
-            raise ValueError(f"rank {rank}/{world}, micro-step {micro}/{n_micro} out of range")
-        per = self.batch_size // parts
-        first = (rank * n_micro + micro) * per
-        rows = self._rows(self.global_starts(step)[first : first + per])
+        part = micro_slice(self.batch_size, rank, world, micro, n_micro)
+        rows = self._rows(self.global_starts(step)[part])
         self.next_step = step + 1
         return rows[:, :-1], rows[:, 1:]
 

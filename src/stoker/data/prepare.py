@@ -31,7 +31,7 @@ import re
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -261,12 +261,13 @@ def _get_tokenizer(data: DataConfig, files: list[SourceFile], mask: np.ndarray) 
     return tok
 
 
-def _publish(tmp: Path, data_dir: Path) -> None:
-    """Replace the previous shards/tokenizer/meta with those in `tmp`, meta.json last."""
+def publish_data_dir(tmp: Path, data_dir: Path, stale: Callable[[str], bool]) -> None:
+    """Replace a prepared dir's contents with those of `tmp`: meta.json goes first (so a crash
+    midway leaves an incomplete dir, never a wrong one), then the files `stale(name)` names
+    and the tokenizer, then `tmp`'s files move in, meta.json last."""
     (data_dir / META_FILE).unlink(missing_ok=True)
-    (data_dir / STAMP_FILE).unlink(missing_ok=True)
     for f in data_dir.iterdir():
-        if SHARD_NAME.match(f.name):
+        if f.is_file() and stale(f.name):
             f.unlink()
     shutil.rmtree(data_dir / TOKENIZER_DIR, ignore_errors=True)
     for f in tmp.iterdir():
@@ -348,7 +349,8 @@ def prepare(cfg: RecipeConfig, stats: dict[str, Any] | None = None) -> dict[str,
         with file_errors(tmp / META_FILE, "cannot write", WRITE_FIX):
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         with file_errors(data_dir, "cannot move the new shards into place", WRITE_FIX):
-            _publish(tmp, data_dir)
+            publish_data_dir(tmp, data_dir,
+                             lambda n: n == STAMP_FILE or bool(SHARD_NAME.match(n)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # Read back once here (rank 0, while other ranks wait) so they find verified.json rather

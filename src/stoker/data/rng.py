@@ -45,3 +45,20 @@ def uniform_ints(base: np.uint64, counters: np.ndarray, high: int) -> np.ndarray
     with np.errstate(over="ignore"):
         z = splitmix64(splitmix64(np.asarray(counters, dtype=np.uint64) + base))
     return (z % np.uint64(high)).astype(np.int64)
+
+
+def micro_slice(batch_size: int, rank: int, world: int, micro: int, n_micro: int) -> slice:
+    """Rows of a global batch that rank `rank` takes in micro-step `micro`: b = B / (W·M) rows
+    starting at (rank·M + micro)·b, the one split rule every loader uses (so accumulation,
+    world size and resume never change which rows a step trains on)."""
+    from stoker.errors import StokerError
+
+    parts = world * n_micro
+    if batch_size % parts:
+        raise StokerError(f"global batch size {batch_size} is not divisible by {world} "
+                          f"processes × {n_micro} micro-steps")
+    if not (0 <= rank < world and 0 <= micro < n_micro):
+        raise ValueError(f"rank {rank}/{world}, micro-step {micro}/{n_micro} out of range")
+    per = batch_size // parts
+    first = (rank * n_micro + micro) * per
+    return slice(first, first + per)

@@ -69,8 +69,13 @@ from stoker.data.chat_template import (
     tokenizer_dir,
     tokenizer_files,
 )
-from stoker.data.prepare import check_writable_dir, remove_stale_staging, split_mask
-from stoker.data.rng import hash_keys, name_key
+from stoker.data.prepare import (
+    check_writable_dir,
+    publish_data_dir,
+    remove_stale_staging,
+    split_mask,
+)
+from stoker.data.rng import hash_keys, micro_slice, name_key
 from stoker.data.sft_sources import (
     SFTSource,
     bucket_rows,
@@ -139,16 +144,6 @@ def _write_arrays(tmp: Path, split: str, pieces: list, origin: list, dtype: str)
     return {"samples": len(pieces), "tokens": int(lens.sum()), "targets": targets, "files": files}
 
 
-def _publish(tmp: Path, data_dir: Path) -> None:
-    """Replace the previous arrays/tokenizer/meta with those in `tmp`, meta.json last."""
-    (data_dir / META_FILE).unlink(missing_ok=True)
-    shutil.rmtree(data_dir / TOKENIZER_DIR, ignore_errors=True)
-    for f in tmp.iterdir():
-        if f.name != META_FILE:
-            os.replace(f, data_dir / f.name)
-    os.replace(tmp / META_FILE, data_dir / META_FILE)
-
-
 def _write_data_dir(
     data_dir: Path,
     meta: dict[str, Any],
@@ -171,7 +166,7 @@ def _write_data_dir(
         with file_errors(tmp / META_FILE, "cannot write", WRITE_FIX):
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         with file_errors(data_dir, "cannot move the new SFT data into place", WRITE_FIX):
-            _publish(tmp, data_dir)
+            publish_data_dir(tmp, data_dir, lambda name: False)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -404,20 +399,11 @@ class SFTBatches:
         self, step: int, rank: int = 0, world: int = 1, micro: int = 0, n_micro: int = 1
     ) -> SFTBatch:
         """This rank's micro-slice of the global batch of `step` (b = B / (world·n_micro) rows)."""
-        parts = world * n_micro
-        if self.batch_size % parts:
-            raise StokerError(
-                f"global batch size {self.batch_size} is not divisible by "
-                f"{world} processes × {n_micro} micro-steps"
-            )
-        if not (0 <= rank < world and 0 <= micro < n_micro):
-            raise ValueError(f"rank {rank}/{world}, micro-step {micro}/{n_micro} out of range")
+        part = micro_slice(self.batch_size, rank, world, micro, n_micro)
         rows = self.global_rows(step)
-        per = self.batch_size // parts
-        first = (rank * n_micro + micro) * per
         self.next_step = step + 1
         total = int(sum(self.sample_targets[r].sum() for r in rows))
-        return self._assemble(rows[first : first + per], total)
+        return self._assemble(rows[part], total)
 
     def eval_batches(
         self, n: int | None = None, rank: int = 0, world: int = 1
