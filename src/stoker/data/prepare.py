@@ -40,6 +40,7 @@ import numpy as np
 from tqdm import tqdm
 
 from stoker.config import DataConfig, RecipeConfig, load_config
+from stoker.data.chat_template import save_tokenizer_dir, tokenizer_dir
 from stoker.data.checksums import STAMP_FILE
 from stoker.data.corpora import SourceFile, describe_files, iter_documents, resolve_sources
 from stoker.data.rng import splitmix64
@@ -56,13 +57,20 @@ from stoker.data.shards import (
     load_meta,
     read_meta_file,
 )
-from stoker.data.tokenizer import TOKENIZER_FILES, Tokenizer, load_tokenizer_from, train_bpe
+from stoker.data.tokenizer import (
+    HF_EXTRA_FILES,
+    TOKENIZER_FILES,
+    Tokenizer,
+    load_tokenizer_from,
+    train_bpe,
+)
 from stoker.errors import StokerError, file_error, file_errors
 
 BATCH_DOCS = 1024  # documents per encode_batch call ...
 BATCH_CHARS = 1_000_000  # ... or fewer when they are long
 SHARD_NAME = re.compile(r"^(train|val)-\d{5}\.bin$")
-TOKENIZER_NAMES = {*TOKENIZER_FILES, "encoder.json", "vocab.bpe"}  # + original GPT-2 names
+# + original GPT-2 names; the chat template files travel too, so they count
+TOKENIZER_NAMES = {*TOKENIZER_FILES, *HF_EXTRA_FILES, "encoder.json", "vocab.bpe"}
 
 
 def is_main_process() -> bool:
@@ -261,6 +269,18 @@ def _get_tokenizer(data: DataConfig, files: list[SourceFile], mask: np.ndarray) 
     return tok
 
 
+def save_tokenizer(tok: Tokenizer, path: str | None, dst: Path) -> None:
+    """`tok` into the data dir's tokenizer/. A tokenizer read from a directory (or from its
+    main file) brings every tokenizer-side file of that directory (chat template, pad/unk
+    tokens, special_tokens_map.json, ...), as an SFT data dir does, so checkpoints and
+    export-hf carry them on; a trained BPE or a lone `.tiktoken`/`.model` file gets its own."""
+    src = Path(path).expanduser() if path else None
+    if src is None or (src.is_file() and src.name != tok.main_file):
+        tok.save(dst)
+    else:
+        save_tokenizer_dir(tok, tokenizer_dir(src), dst, None)
+
+
 def publish_data_dir(tmp: Path, data_dir: Path, stale: Callable[[str], bool]) -> None:
     """Replace a prepared dir's contents with those of `tmp`: meta.json goes first (so a crash
     midway leaves an incomplete dir, never a wrong one), then the files `stale(name)` names
@@ -339,7 +359,7 @@ def prepare(cfg: RecipeConfig, stats: dict[str, Any] | None = None) -> dict[str,
         tmp.mkdir()
     try:
         with file_errors(tmp / TOKENIZER_DIR, "cannot save the tokenizer", WRITE_FIX):
-            tok.save(tmp / TOKENIZER_DIR)
+            save_tokenizer(tok, data.tokenizer.path, tmp / TOKENIZER_DIR)
         start = time.perf_counter()
         splits = tokenize_to_shards(files, data, tok, mask, tmp, dtype)
         seconds = time.perf_counter() - start
@@ -349,8 +369,7 @@ def prepare(cfg: RecipeConfig, stats: dict[str, Any] | None = None) -> dict[str,
         with file_errors(tmp / META_FILE, "cannot write", WRITE_FIX):
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
         with file_errors(data_dir, "cannot move the new shards into place", WRITE_FIX):
-            publish_data_dir(tmp, data_dir,
-                             lambda n: n == STAMP_FILE or bool(SHARD_NAME.match(n)))
+            publish_data_dir(tmp, data_dir, lambda n: n == STAMP_FILE or bool(SHARD_NAME.match(n)))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     # Read back once here (rank 0, while other ranks wait) so they find verified.json rather

@@ -2,7 +2,10 @@
 
 A tokenizer directory holds `tokenizer.json` (the `tokenizers` format) and
 `tokenizer_config.json` (`eos_token`, `bos_token`; the keys `transformers` reads), so every
-stoker checkpoint's `tokenizer/` folder also loads with `transformers.AutoTokenizer`.
+stoker checkpoint's `tokenizer/` folder also loads with `transformers.AutoTokenizer`. A
+tokenizer that came from an HF directory keeps all of that directory's tokenizer-side files
+(the full config with its chat template and pad/unk tokens, special_tokens_map.json,
+chat_template.jinja, ...) through prepare, checkpoints and export (`copy_tokenizer_files`).
 
 Sources a tokenizer can come from (`load_tokenizer_from`, `data.tokenizer.path`):
 - a `tokenizer.json` file, or a directory holding one (an HF model dir, a stoker checkpoint's
@@ -296,29 +299,34 @@ def train_bpe(
 
 
 def copy_tokenizer_files(src: str | Path, dst: str | Path) -> bool:
-    """Copy whatever tokenizer files `src` holds into `dst`, HF_EXTRA_FILES (e.g. the chat
-    template in chat_template.jinja) along with them; True when there was a tokenizer."""
+    """Copy every tokenizer-side file of the directory `src` into `dst`: the vocabulary, the
+    full tokenizer_config.json (chat_template, pad/unk/bos/eos, added_tokens_decoder),
+    special_tokens_map.json, HF_EXTRA_FILES (chat_template.jinja, added_tokens.json, ...),
+    `.tiktoken`/`.model` files (data/chat_template.py's `tokenizer_files`); True when there
+    was a tokenizer."""
+    from stoker.data.chat_template import tokenizer_files  # it imports this module
+
     src, dst = Path(src), Path(dst)
-    found = [f for f in TOKENIZER_FILES if (src / f).is_file()]
-    if not found:
+    if not src.is_dir():
+        return False
+    files = tokenizer_files(src)
+    if not any(f.name in TOKENIZER_FILES or f.suffix in (".tiktoken", ".model") for f in files):
         return False
     dst.mkdir(parents=True, exist_ok=True)
-    for f in found + [f for f in HF_EXTRA_FILES if (src / f).is_file()]:
-        shutil.copy2(src / f, dst / f)
+    for f in files:
+        shutil.copy2(f, dst / f.name)
     return True
 
 
 def copy_hf_tokenizer(src: str | Path, dst: str | Path) -> None:
-    """Tokenizer files of an HF directory (or a checkpoint's tokenizer/) `src` into `dst`,
-    HF_EXTRA_FILES included. A GPT-2 `vocab.json` + `merges.txt` without `tokenizer.json` also
-    gets the equivalent `tokenizer.json` (stoker's own converter); a SentencePiece
-    `tokenizer.model` stays as it is (loaded natively)."""
+    """Tokenizer files of an HF directory (or a checkpoint's tokenizer/) `src` into `dst`, as
+    `copy_tokenizer_files` (so transformers' tokenizer of `dst` keeps the chat template and
+    special tokens). A GPT-2 `vocab.json` + `merges.txt` or a `.tiktoken` without
+    `tokenizer.json` also gets the equivalent `tokenizer.json` (stoker's own converter); a
+    SentencePiece `tokenizer.model` stays as it is (loaded natively)."""
     src, dst = Path(src), Path(dst)
     if not copy_tokenizer_files(src, dst):
         return
-    for name in HF_EXTRA_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, dst / name)
     if not (dst / "tokenizer.json").is_file() and not (dst / "tokenizer.model").is_file():
         # Unreadable: carry the raw files anyway; the weights still import.
         with contextlib.suppress(StokerError):
