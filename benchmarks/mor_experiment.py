@@ -65,7 +65,7 @@ def accounting(recipe: Path, overrides: list[str]) -> tuple[float, int]:
     from stoker.scaling import flops
 
     cfg = load_config(recipe, overrides)
-    m, mor, T = cfg.model, cfg.mor, cfg.train.seq_len or cfg.model.max_seq_len
+    m, mor, T = cfg.model, getattr(cfg, "mor", None), cfg.train.seq_len or cfg.model.max_seq_len
     if mor is None:
         return flops.flops_per_token(m, T), flops.count_params(m).non_embedding
     params = flops.count_params_shared(m, mor.recursions, mor.sharing).non_embedding

@@ -26,7 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _recipe(tmp_path: Path, **sections: dict) -> Path:
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump({"recipe": "pretrain", **sections}))
+    recipe = "mor" if "mor" in sections else "pretrain"  # the recipe that has the section
+    path.write_text(yaml.safe_dump({"recipe": recipe, **sections}))
     return path
 
 

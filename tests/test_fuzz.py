@@ -375,7 +375,8 @@ def overrides(draw) -> list[str]:
     """Override arguments: mostly `--key=value`, sometimes `--key value` or malformed."""
     argv: list[str] = []
     if draw(st.integers(0, 5)) == 0:  # a Mixture-of-Recursions model that validates
-        argv += ["--model.n_layer=4", f"--mor.recursions={draw(st.sampled_from([1, 2]))}"]
+        argv += ["--recipe=mor", "--model.n_layer=4",
+                 f"--mor.recursions={draw(st.sampled_from([1, 2]))}"]
     for _ in range(draw(st.integers(0, 4))):
         key = draw(keys)
         value = draw(_value(key))
@@ -447,12 +448,12 @@ def write_docs(tmp: Path) -> None:
 
 def costly(cfg: RecipeConfig) -> str | None:
     """Why a valid config would not be a tiny run (then the example is not run), or None."""
-    m, t, d = cfg.model, cfg.train, cfg.data
+    m, t, d, mor = cfg.model, cfg.train, cfg.data, getattr(cfg, "mor", None)
     limits = {
-        "model": m.n_layer * (cfg.mor.recursions if cfg.mor else 1) <= 8
+        "model": m.n_layer * (mor.recursions if mor else 1) <= 8
         and m.d_model <= 128 and m.ffn_dim <= 512 and m.vocab_size <= 4096
         and m.max_seq_len <= 256 and m.n_head * m.dim_head <= 512 and m.n_head <= 64
-        and (cfg.mor is None or cfg.mor.router_hidden <= 64),
+        and (mor is None or mor.router_hidden <= 64),
         "train": t.max_steps <= 3 and t.batch_size <= 16 and not t.compile
         and (t.eval_interval == 0 or t.eval_steps <= 3)
         and (t.monitor_interval == 0 or t.monitor_interval >= 0.5),
@@ -469,7 +470,9 @@ def outside(cfg: RecipeConfig, tmp: Path) -> list[str]:
     paths = [cfg.train.out_dir, cfg.data.dir, cfg.data.tokenizer.path]
     paths += [s for s in cfg.data.sources if s != "python-stdlib"]
     paths += [cfg.train.resume] if cfg.train.resume not in ("auto", "never") else []
-    paths += [cfg.mor.init_from] if cfg.mor and cfg.mor.init_from else []
+    mor = getattr(cfg, "mor", None)
+    paths += [mor.init_from] if mor and mor.init_from else []
+    paths += [cfg.train.init_from] if cfg.train.init_from else []
     root = tmp.resolve()
     bad = []
     for p in filter(None, paths):

@@ -16,8 +16,7 @@ from stoker.data.tokenizer import Tokenizer
 from stoker.errors import StokerError
 from stoker.models.gpt import Decoder
 from stoker.models.gpt import build_model as _build_decoder
-from stoker.train.checkpoint import MARKER, load_weights, read_meta, resolve_checkpoint
-from stoker.train.sharded import materialize
+from stoker.train.checkpoint import MARKER, read_meta, resolve_checkpoint
 
 
 def build_model(config: ModelConfig | dict, device: str | torch.device | None = None,
@@ -49,20 +48,19 @@ def is_hf_dir(path: str | Path) -> bool:
 
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Decoder:
     """A model from a run dir (latest checkpoint), a checkpoint dir, or a local HF directory
-    (a `MoRDecoder` for Mixture-of-Recursions runs). The model is built on the meta device and
-    filled on `device` from the checkpoint one tensor at a time: no random init, and no host
-    copy of the whole model (a sharded checkpoint is consolidated here from its chunks)."""
+    (a `MoRDecoder` for Mixture-of-Recursions runs; base + LoRA adapters for LoRA runs, whose
+    base must still be the one they were trained on). The model is built on the meta device
+    and filled on `device` from the checkpoint one tensor at a time: no random init, and no
+    host copy of the whole model (a sharded checkpoint is consolidated here from its chunks)."""
     if is_hf_dir(path):
         from stoker.models.hf import load_hf_model
 
         return load_hf_model(path).to(device)
+    from stoker.tasks import task_class
+
     ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
-    mor = meta["config"].get("mor")  # a MoR run: its weights replace any uptraining init
-    model = build_model(meta["config"]["model"], "meta", mor=mor and {**mor, "init": "random",
-                                                                      "init_from": None})
-    load_weights(materialize(model, device), ckpt)
-    return model.eval()
+    cfg = validate_config(read_meta(ckpt)["config"])
+    return task_class(cfg).load_trained(cfg, ckpt, torch.device(device))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:

@@ -20,7 +20,7 @@ from stoker.errors import StokerError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("stoker.train.loop:train_command", "train a recipe (one process, or under torchrun)"),
     "prepare": (
-        "stoker.data.prepare:prepare_command",
+        "stoker.tasks:prepare_command",
         "corpus -> tokenizer -> token shards for a recipe",
     ),
     "generate": (
@@ -88,13 +88,30 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="number of batches, >= 1 (default: train.eval_steps of the run)",
     )
+    p.add_argument("--seq-len", type=int, default=None,
+                   help="tokens per sequence, >= 1 (default: the run's train.seq_len)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="sequences per forward, >= 1 (default: the run's micro-batches)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("path", help="run dir, checkpoint dir, or local Hugging Face directory")
-    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--prompt", default="", help="text to continue (with --chat: the user message)")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="format the prompt with the model's chat template and print only the answer "
+        "(stops at EOS or the end-of-turn token; --interactive keeps the conversation)",
+    )
+    p.add_argument("--system", default=None, help="with --chat: a system message")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="with --chat: a Jinja chat template to use instead of the tokenizer's own",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to sample (>= 1)")
     p.add_argument(
         "--temperature", type=float, default=0.8, help="softmax temperature, >= 0; 0 = greedy"
@@ -131,12 +148,18 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
         _add_generate_arguments(p)
     elif name == "import-hf":
         p.add_argument(
-            "hf_dir", help="local Hugging Face model directory (config.json + safetensors)"
+            "hf_dir",
+            help="local Hugging Face model directory (config.json + safetensors), a .gguf "
+            "file (LLaMA family), or a PEFT LoRA adapter directory",
         )
         p.add_argument("out", help="checkpoint directory to create")
+        p.add_argument("--base", help="a PEFT adapter's base model (default: the one its "
+                       "adapter_config.json names)")
     elif name == "export-hf":
         p.add_argument("path", help="run dir or checkpoint dir")
         p.add_argument("out", help="directory to write (transformers format)")
+        p.add_argument("--adapter", action="store_true", help="a LoRA run: write its adapter "
+                       "alone as a PEFT directory (default: the model with adapters merged)")
     elif name in ("count", "plan"):
         from stoker.scaling.report import add_arguments
 

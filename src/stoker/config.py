@@ -162,7 +162,16 @@ class TokenizerConfig(Section):
     pattern: str | None = None  # pre-tokenization regex of a .tiktoken file of unknown size
 
 
-class DataConfig(Section):
+class LoaderConfig(Section):
+    """How training batches are built (stoker.data.loader.loader_settings): "auto" = 0 workers
+    on CPU, min(4, cores per GPU process - 1) workers + pinned memory on CUDA; docs/data.md."""
+
+    num_workers: NonNegativeInt | Literal["auto"] = "auto"
+    pin_memory: bool | Literal["auto"] = "auto"
+    prefetch_factor: PositiveInt = 2  # batches each worker builds ahead
+
+
+class DataConfig(LoaderConfig):
     """Corpus -> tokenizer -> token shards in `dir` (see stoker.data.prepare)."""
 
     # Paths/globs/dirs of .txt/.md/.rst/.py (a document per file), .jsonl and .parquet
@@ -177,11 +186,6 @@ class DataConfig(Section):
     dtype: Literal["auto", "uint16", "uint32"] = "auto"
     max_documents: PositiveInt | None = None  # keep the first N documents of the sources
     shard_tokens: PositiveInt = 2**28  # tokens per shard file (a split's last one is shorter)
-    # Training batches (stoker.data.loader.loader_settings): "auto" = 0 workers on CPU,
-    # min(4, cores per GPU process - 1) workers + pinned memory on CUDA; see docs/data.md.
-    num_workers: NonNegativeInt | Literal["auto"] = "auto"
-    pin_memory: bool | Literal["auto"] = "auto"
-    prefetch_factor: PositiveInt = 2  # batches each worker builds ahead
 
     @field_validator("sources", mode="before")
     @classmethod
@@ -219,8 +223,12 @@ class TrainConfig(Section):
     save_interval: PositiveInt = 100
     keep_last: PositiveInt = 2  # checkpoints kept in out_dir
     resume: str = "auto"  # auto | never | PATH
+    # start from these weights (RUN | CHECKPOINT | HF_DIR): architecture and tokenizer come
+    # from there, the optimizer starts fresh (fine-tuning, continued pretraining)
+    init_from: str | None = None
     nan_policy: Literal["stop", "skip"] = "stop"
-    early_stopping_metric: Literal["val_loss"] | None = None  # stop when it stops improving
+    # an evaluation metric of the recipe (val_loss, ...): stop when it stops improving
+    early_stopping_metric: str | None = None
     early_stopping_patience: PositiveInt = 3
     # seconds between system samples (system.jsonl); 0 = off
     monitor_interval: NonNegativeFloat = 5.0
@@ -321,39 +329,17 @@ class MoRConfig(Section):
         return self
 
 
-class LoRAConfig(Section):
-    """Low-rank adapters (Hu et al. 2021) on the linear layers `targets` names: W x + s·B A x,
-    s = alpha/r, or alpha/sqrt(r) with `rslora` (Kalajdzievski 2023). See models/lora.py."""
-
-    r: PositiveInt = 8
-    alpha: PositiveFloat = 16.0
-    dropout: Probability = 0.0  # on the adapter's input only
-    # fnmatch patterns on a module's dotted name or a dotted suffix of it (q_proj, self_attn.*,
-    # layers.0.*), comma-separated on the command line; all-linear: every linear but the LM head
-    targets: list[str] | Literal["all-linear"] = ["q_proj", "v_proj"]
-    rslora: bool = False
-    ranks: dict[str, PositiveInt] | None = None  # pattern -> r; the first matching pattern wins
-
-    @field_validator("targets", mode="before")
-    @classmethod
-    def _split_targets(cls, v: Any) -> Any:
-        if isinstance(v, str) and v != "all-linear":  # `--lora.targets=q_proj,v_proj`
-            return [t.strip() for t in v.split(",")]
-        return v
-
-    @model_validator(mode="after")
-    def _check_targets(self) -> LoRAConfig:
-        if isinstance(self.targets, list) and (not self.targets or not all(self.targets)):
-            raise ValueError(
-                "lora.targets needs non-empty module patterns (e.g. q_proj,v_proj) or all-linear"
-            )
-        return self
+# fine-tuning sections (config_finetune.py; imported here, the one place configs come from)
+from stoker.config_finetune import LoRAConfig, SFTDataConfig  # noqa: E402
 
 
 class RecipeConfig(Section):
-    recipe: str = "pretrain"
+    """The sections every recipe has; `recipe` names which one (a discriminated union: each
+    recipe is a subclass with its own sections, chosen by `recipe_class`). This class itself
+    is the pretraining recipe."""
+
+    recipe: Literal["pretrain"] = "pretrain"
     model: ModelConfig = ModelConfig()
-    mor: MoRConfig | None = None  # set: a Mixture-of-Recursions model (models/mor.py)
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
@@ -361,27 +347,69 @@ class RecipeConfig(Section):
     track: TrackConfig = TrackConfig()
 
     @model_validator(mode="after")
-    def _check_sharing(self) -> RecipeConfig:
-        if self.mor is not None:
-            n, r, middle = self.model.n_layer, self.mor.recursions, "middle" in self.mor.sharing
-            shared = n - 2 if middle else n
-            if shared <= 0 or shared % r:
-                name = "model.n_layer-2" if middle else "model.n_layer"
-                raise ValueError(
-                    f"mor.sharing={self.mor.sharing} needs {name}={shared} "
-                    f"divisible by mor.recursions={r}"
-                )
-        return self
-
-    @model_validator(mode="after")
     def _check_seq_len(self) -> RecipeConfig:
         seq, most = self.train.seq_len, self.model.max_seq_len
-        if seq is not None and seq > most:  # GPT-2 has no position past it; RoPE is untrained
+        if seq is not None and seq > most and self.train.init_from is None:
+            # GPT-2 has no position past it; RoPE is untrained (with init_from the source's
+            # max_seq_len decides, checked when it is read)
             raise ValueError(
                 f"train.seq_len={seq} exceeds model.max_seq_len={most}; lower "
                 "train.seq_len or raise model.max_seq_len"
             )
         return self
+
+
+class MoRRecipeConfig(RecipeConfig):
+    """Mixture-of-Recursions pretraining (uptraining from a decoder: `mor.init_from`)."""
+
+    recipe: Literal["mor"] = "mor"  # type: ignore[assignment]
+    mor: MoRConfig = MoRConfig()
+
+    @model_validator(mode="after")
+    def _check_sharing(self) -> MoRRecipeConfig:
+        n, r, middle = self.model.n_layer, self.mor.recursions, "middle" in self.mor.sharing
+        shared = n - 2 if middle else n
+        if shared <= 0 or shared % r:
+            name = "model.n_layer-2" if middle else "model.n_layer"
+            raise ValueError(
+                f"mor.sharing={self.mor.sharing} needs {name}={shared} "
+                f"divisible by mor.recursions={r}"
+            )
+        if self.train.init_from is not None:
+            raise ValueError(
+                "a MoR recipe uptrains from a decoder with mor.init_from (and mor.init); "
+                "train.init_from is for decoder recipes"
+            )
+        return self
+
+
+class FinetuneRecipeConfig(RecipeConfig):
+    """Supervised fine-tuning of a decoder from `train.init_from`: full (no `lora` section) or
+    LoRA adapters on a frozen base (`lora`); loss on assistant tokens only."""
+
+    recipe: Literal["finetune"] = "finetune"  # type: ignore[assignment]
+    data: SFTDataConfig = SFTDataConfig()  # type: ignore[assignment]
+    lora: LoRAConfig | None = None  # None: full fine-tuning
+
+
+RECIPES: dict[str, type[RecipeConfig]] = {
+    "pretrain": RecipeConfig,
+    "mor": MoRRecipeConfig,
+    "finetune": FinetuneRecipeConfig,
+}
+
+
+def recipe_class(data: Any) -> type[RecipeConfig]:
+    """The recipe class `data["recipe"]` names; without one, `mor` if a MoR section is there,
+    else `pretrain`."""
+    from stoker.errors import StokerError
+
+    name = data.get("recipe") if isinstance(data, dict) else None
+    if name is None:
+        name = "mor" if isinstance(data, dict) and data.get("mor") is not None else "pretrain"
+    if not isinstance(name, str) or name not in RECIPES:
+        raise StokerError(f"unknown recipe {name!r}; known: {', '.join(RECIPES)}")
+    return RECIPES[name]
 
 
 # ------------------------------------------------------------------------------- loading
@@ -397,13 +425,17 @@ from stoker.config_load import (  # noqa: E402
 )
 
 __all__ = [
+    "RECIPES",
     "DataConfig",
     "DistConfig",
+    "FinetuneRecipeConfig",
     "LoRAConfig",
     "ModelConfig",
     "MoRConfig",
+    "MoRRecipeConfig",
     "OptimConfig",
     "RecipeConfig",
+    "SFTDataConfig",
     "TokenizerConfig",
     "TrackConfig",
     "TrainConfig",
@@ -411,6 +443,7 @@ __all__ = [
     "load_config",
     "parse_override_value",
     "parse_overrides",
+    "recipe_class",
     "valid_keys",
     "validate_config",
 ]

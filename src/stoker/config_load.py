@@ -98,6 +98,12 @@ def _format_error(err: ValidationError, schema: type[BaseModel], data: dict[str,
     ):
         e = {**e, "msg": " or ".join(x["msg"] for x in err.errors())}
     if e["type"] == "extra_forbidden":
+        section, fields = key.split(".")[0], getattr(schema, "model_fields", {})
+        owners = _recipes_with_section(section) if section not in fields else []
+        if owners and "recipe" in fields:
+            name = schema.model_fields["recipe"].default
+            return (f"unknown config key {key!r} for recipe {name}; it is a section of "
+                    f"recipe {' or '.join(owners)} (set recipe: {owners[0]})")
         near = difflib.get_close_matches(key, valid_keys(schema), n=1, cutoff=0.6)
         hint = f"; did you mean {near[0]}?" if near else ""
         return f"unknown config key {key!r}{hint}"
@@ -109,15 +115,20 @@ def _format_error(err: ValidationError, schema: type[BaseModel], data: dict[str,
     return f"invalid value for {key}: {e.get('input')!r} ({msg})"
 
 
-def _recipe_schema() -> type[BaseModel]:
-    from stoker.config import RecipeConfig
+def _recipes_with_section(section: str) -> list[str]:
+    from stoker.config import RECIPES
 
-    return RecipeConfig
+    return [n for n, cls in RECIPES.items() if section in cls.model_fields]
 
 
 def validate_config(data: dict[str, Any], schema: type[BaseModel] | None = None) -> Any:
-    """`data` validated against `schema` (default: the whole recipe)."""
-    schema = schema or _recipe_schema()
+    """`data` validated against `schema` (default: the recipe class its `recipe` key names)."""
+    if schema is None:
+        from stoker.config import recipe_class
+
+        if isinstance(data, dict) and "mor" in data and data["mor"] is None:
+            data = {k: v for k, v in data.items() if k != "mor"}  # how older runs saved "none"
+        schema = recipe_class(data)
     try:
         return schema.model_validate(data)
     except ValidationError as err:

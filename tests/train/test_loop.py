@@ -224,9 +224,10 @@ def test_nan_policy_skip_continues(make_args, tmp_path):
 
 def test_mfu_formula_matches_hand_computation(make_args):
     cfg = load_config(None, make_args())
+    from stoker.tasks import make_task
     from stoker.train.distributed import DistInfo
 
-    meter = Throughput(cfg, 32, DistInfo(world=2), "fp32")
+    meter = Throughput(make_task(cfg).flops_per_token(), DistInfo(world=2), "fp32")
     meter.peak = 1e12
     n = sum(p.numel() for p in __import__("stoker").build_model(cfg.model).parameters())
     L, H, Q, T = 2, 4, 8, 32

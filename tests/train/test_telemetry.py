@@ -52,10 +52,12 @@ def simulate_step(meter, clock, n_micro: int, fetch: float, compute: float) -> N
 
 def test_data_wait_counts_only_the_wait_for_each_micro_batch(monkeypatch, make_args):
     from stoker.config import load_config
+    from stoker.tasks import make_task
     from stoker.train.distributed import DistInfo
 
     cfg = load_config(None, make_args())
-    meters = {n: telemetry.Throughput(cfg, 32, DistInfo(), "fp32") for n in (1, 4)}
+    flops = make_task(cfg).flops_per_token()
+    meters = {n: telemetry.Throughput(flops, DistInfo(), "fp32") for n in (1, 4)}
     clock = FakeClock()
     monkeypatch.setattr(telemetry.time, "perf_counter", clock)
     shares = {}

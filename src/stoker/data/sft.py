@@ -307,14 +307,17 @@ class SFTBatches:
         seed: int,
         mode: str = "pack",
         pad_multiple: int = 8,
+        skip_too_long: bool = False,
     ):
+        """`skip_too_long`: leave out the samples that keep no target after truncation to
+        `seq_len` (`skipped` counts them) instead of refusing the data."""
         if mode not in MODES:
             raise StokerError(f"SFT batching mode {mode!r} is unknown; use {' | '.join(MODES)}")
         if min(seq_len, batch_size, pad_multiple) <= 0:
             raise StokerError("SFT seq_len, batch_size and pad_multiple must be positive")
         self.data_dir, self.split, self.mode = Path(data_dir), split, mode
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
-        self.pad_multiple = pad_multiple
+        self.pad_multiple, self.skip_too_long = pad_multiple, skip_too_long
         self.meta = load_sft_meta(self.data_dir)
         self.pad_id = int(self.meta["pad_id"])
         self._open()
@@ -337,7 +340,9 @@ class SFTBatches:
         cum = np.concatenate([[0], np.cumsum(self.targets, dtype=np.int64)])
         self.sample_targets = cum[self.offsets[:-1] + kept] - cum[self.offsets[:-1] + 1]
         empty = np.flatnonzero(self.sample_targets == 0)
-        if empty.size:
+        self.samples = np.flatnonzero(self.sample_targets > 0)  # the ones batches use
+        self.skipped = int(empty.size)
+        if empty.size and (not self.skip_too_long or not self.samples.size):
             self._fail_truncated(int(empty[0]), np.asarray(arrays["origin"][empty[0]]))
 
     def _fail_truncated(self, i: int, origin: np.ndarray) -> None:
@@ -367,9 +372,9 @@ class SFTBatches:
     def epoch_rows(self, epoch: int | None) -> tuple[np.ndarray, np.ndarray]:
         """(sample ids, row pointers) of `epoch`'s rows; None: the unshuffled eval layout."""
         if epoch not in self._layouts:
-            n = len(self.lengths)
+            n = len(self.samples)
             base = None if epoch is None else hash_keys(self.seed, name_key(self.split), epoch)
-            order = np.arange(n) if base is None else permutation(base, n)
+            order = self.samples if base is None else self.samples[permutation(base, n)]
             ptr = np.arange(n + 1, dtype=np.int64)
             if self.mode == "bucket":
                 order = bucket_rows(order, self.lengths, self.batch_size, base)
@@ -381,7 +386,7 @@ class SFTBatches:
         return self._layouts[epoch]
 
     def _rows_in(self, epoch: int) -> int:
-        return len(self.lengths) if self.mode != "pack" else len(self.epoch_rows(epoch)[1]) - 1
+        return len(self.samples) if self.mode != "pack" else len(self.epoch_rows(epoch)[1]) - 1
 
     def global_rows(self, step: int) -> list[np.ndarray]:
         """The sample ids of every row of the global batch of `step`."""

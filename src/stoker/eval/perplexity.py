@@ -1,4 +1,5 @@
-"""`stoker eval`: validation loss and perplexity of a run or checkpoint on token shards.
+"""`stoker eval`: the recipe's evaluation of a run or checkpoint — validation loss and
+perplexity on token shards (pretrain, MoR), supervised loss on held-out samples (finetune).
 
 For a Mixture-of-Recursions run it also reports how often causal threshold routing (what
 decoding uses) agrees with training-time top-k routing, and the loss under each
@@ -6,8 +7,8 @@ decoding uses) agrees with training-time top-k routing, and the loss under each
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -21,64 +22,68 @@ def evaluate_checkpoint(
     split: str = "val",
     batches: int | None = None,
     device: str = "auto",
+    seq_len: int | None = None,
+    batch_size: int | None = None,
 ) -> dict:
-    """Mean next-token loss over `batches` (default: the run's train.eval_steps) fixed batches
-    of `split` (the run's own data by default)."""
+    """The recipe's own evaluation (its task's, as in training) of a run or checkpoint on
+    `split` of its data (or `data_dir`): `batches` fixed batches (default: the run's
+    train.eval_steps; all held-out samples for fine-tuning runs), `batch_size` sequences per
+    forward (default: the run's micro-batches) of `seq_len` tokens (default: the run's)."""
     from stoker.api import load_model
     from stoker.config import validate_config
-    from stoker.data.loader import TokenWindows
-    from stoker.data.shards import check_vocab, load_meta
-    from stoker.models.gpt import lm_loss
+    from stoker.tasks import task_class
     from stoker.train.checkpoint import read_meta, resolve_checkpoint
-    from stoker.train.distributed import pick_device
+    from stoker.train.distributed import DistInfo, pick_device
 
     if batches is not None and batches < 1:
         raise StokerError(
             f"--batches must be at least 1, got {batches} (omit it for the run's train.eval_steps)"
         )
+    for name, v in (("--seq-len", seq_len), ("--batch-size", batch_size)):
+        if v is not None and v < 1:
+            raise StokerError(f"{name} must be at least 1, got {v}")
     dev = pick_device(device, "--device")
     ckpt = resolve_checkpoint(path)
     cfg = validate_config(read_meta(ckpt)["config"])
+    if seq_len is not None:
+        if seq_len > cfg.model.max_seq_len:
+            raise StokerError(f"--seq-len {seq_len} exceeds the model's max_seq_len="
+                              f"{cfg.model.max_seq_len}")
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seq_len": seq_len})})
     data_dir = data_dir or cfg.data.dir
     if not Path(data_dir).is_dir():
         raise StokerError(
             f"data dir {data_dir} does not exist; pass --data-dir or run "
             "`stoker prepare` on the run's recipe"
         )
-    meta = load_meta(data_dir)
-    check_vocab(meta, cfg.model.vocab_size)
-    model = load_model(ckpt, dev).eval()
-    seq_len = cfg.train.seq_len or cfg.model.max_seq_len
-    n = cfg.train.eval_steps if batches is None else batches
-    micro = cfg.train.micro_batch_size
-    n_micro = max(1, cfg.train.batch_size // micro)
-    loader = TokenWindows(data_dir, split, seq_len, micro * n_micro, cfg.train.seed + 1)
-    total, count, routing = 0.0, 0, {}
+    task = task_class(cfg)(cfg, DistInfo(device=dev), resolve=False)
+    task.detailed = True  # the model's own evaluation too (MoR routing)
+    t = cfg.train
+    n_micro = 1 if batch_size is not None else max(1, t.batch_size // t.micro_batch_size)
+    per_forward = batch_size or t.micro_batch_size
+    task.open_eval(data_dir, split, per_forward * n_micro)
+    model = load_model(ckpt, dev)
+    finetune = cfg.recipe == "finetune"
+    n = batches if batches is not None else (None if finetune else t.eval_steps)
     with torch.inference_mode():
-        for step in range(n):
-            for m in range(n_micro):
-                x, y = loader.batch(step, 0, 1, m, n_micro)
-                total += float(lm_loss(model(x.to(dev)), y.to(dev)))
-                count += 1
-                if hasattr(model, "evaluate_routing"):
-                    for k, v in model.evaluate_routing(x.to(dev), y.to(dev)).items():
-                        routing[k] = routing.get(k, 0.0) + v
-    loss = total / count
+        metrics = task.evaluate(model, n, contextlib.nullcontext(), n_micro)
+    targets = int(metrics["val_targets"])
     return {
         "checkpoint": str(ckpt),
         "data_dir": str(data_dir),
         "split": split,
         "batches": n,
-        "tokens": n * micro * n_micro * seq_len,
-        "loss": loss,
-        "perplexity": math.exp(min(loss, 50)),
-        **({"routing": {k: v / count for k, v in routing.items()}} if routing else {}),
+        "tokens": targets,
+        "loss": metrics["val_loss"],
+        "perplexity": metrics["val_perplexity"],
+        **({"routing": metrics["routing"]} if "routing" in metrics else {}),
     }
 
 
 def eval_command(args) -> int:
     device = getattr(args, "device", "auto")
-    result = evaluate_checkpoint(args.path, args.data_dir, args.split, args.batches, device)
+    result = evaluate_checkpoint(args.path, args.data_dir, args.split, args.batches, device,
+                                 getattr(args, "seq_len", None), getattr(args, "batch_size", None))
     if args.json:
         print(json.dumps(result))
     else:

@@ -112,7 +112,10 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(H * D, C, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None,
-                cache: LayerCache | None = None) -> torch.Tensor:
+                cache: LayerCache | None = None, attn_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        """`attn_mask` (B, 1, T, T) bool, True = may attend, replaces the causal mask (packed
+        rows: causal within each document)."""
         B, T, C = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -127,7 +130,7 @@ class Attention(nn.Module):
         if K != H and not gqa:  # share each kv head across H/K query heads
             k = k[:, :, None].expand(B, K, H // K, S, D).reshape(B, H, S, D)
             v = v[:, :, None].expand(B, K, H // K, S, D).reshape(B, H, S, D)
-        mask, causal = None, T > 1
+        mask, causal = attn_mask, T > 1 and attn_mask is None
         if T > 1 and S > T:  # a chunk after a cached prefix: query i sees keys <= S - T + i
             i = torch.arange(T, device=x.device)[:, None]
             mask = torch.arange(S, device=x.device)[None, :] <= (S - T) + i  # (T, S)
@@ -176,8 +179,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg) if cfg.arch == "llama" else GeluMLP(cfg)
 
     def forward(self, x: torch.Tensor, rope: Rope | None = None,
-                cache: LayerCache | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rope, cache)
+                cache: LayerCache | None = None, attn_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rope, cache, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -185,7 +189,8 @@ class Decoder(nn.Module):
     """Token embedding (+ learned positions for GPT-2), `n_layer` blocks, final norm, LM head.
 
     `forward(input_ids)` returns logits (B, T, V). With a `KVCache` the ids are the next
-    positions after those already cached.
+    positions after those already cached. Packed rows (several documents per row) pass
+    `position_ids` (B, T), restarting at 0 in each document, and `attn_mask` (B, 1, T, T).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -210,8 +215,15 @@ class Decoder(nn.Module):
             return self.drop(x + self.embed_positions(positions)), None
         return self.drop(x), rope_tables(positions, self.config.dim_head, self.config.rope_theta)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+                position_ids: torch.Tensor | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
         B, T = input_ids.shape
+        if position_ids is not None:  # packed rows: their own positions and mask, no cache
+            x, rope = self.embed(input_ids, position_ids)  # (B, T, C)
+            for layer in self.layers:
+                x = layer(x, rope, None, attn_mask)  # (B, T, C)
+            return self.lm_head(self.norm(x))  # (B, T, V)
         start = cache.length if cache is not None else 0
         if self.embed_positions is not None and start + T > self.config.max_seq_len:
             raise ValueError(f"{start + T} positions exceed max_seq_len="
@@ -254,19 +266,30 @@ _LOSS_CHUNK = 1 << 21  # logits per CPU cross-entropy piece: 8 MB in fp32
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32; `targets` are already shifted (B, T).
+    """Mean next-token cross-entropy in float32 over the targets != `ignore_index`."""
+    total, count = lm_loss_sum(logits, targets, ignore_index)
+    return total / count
+
+
+def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ next-token cross-entropy in float32, number of targets != `ignore_index`);
+    `targets` are already shifted (B, T). The training loop divides the sum by the count of
+    the whole step (all micro-batches and ranks), so masked batches weigh every target alike.
 
     On CPU, large logits go through in row chunks: each chunk's float32 copy, log-softmax and
     gradients stay small enough for the heap and the cache, where one (B·T, V) float32 temporary
     would be a fresh mmap that page-faults on every step. Same value up to summation order."""
     logits, targets = logits.flatten(0, 1), targets.flatten()  # (B·T, V), (B·T,)
+    count = (targets != ignore_index).sum()
     if logits.device.type != "cpu" or logits.numel() <= _LOSS_CHUNK:
-        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index)
+        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index,
+                               reduction="sum"), count
     rows = max(1, _LOSS_CHUNK // logits.shape[1])
     pieces = zip(logits.split(rows), targets.split(rows), strict=True)  # (rows, V), (rows,)
     total = torch.stack([F.cross_entropy(chunk.float(), t, ignore_index=ignore_index,
                                          reduction="sum") for chunk, t in pieces]).sum()
-    return total / (targets != ignore_index).sum()
+    return total, count
 
 
 def init_weights(model: nn.Module, std: float, n_layer: int) -> None:

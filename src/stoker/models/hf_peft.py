@@ -167,9 +167,13 @@ def peft_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_peft(
-    model: nn.Module, out: str | Path, base_model_name_or_path: str | None = None
+    model: nn.Module,
+    out: str | Path,
+    base_model_name_or_path: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> Path:
-    """Write `adapter_config.json` and `adapter_model.safetensors` to `out`."""
+    """Write `adapter_config.json` and `adapter_model.safetensors` (with `metadata` in its
+    header, which PEFT ignores) to `out`."""
     config = peft_config(model, base_model_name_or_path)
     sd = peft_state_dict(model)
     dst = Path(out)
@@ -177,13 +181,32 @@ def export_peft(
         raise StokerError(f"{dst} is a file; choose a directory for the PEFT adapter")
     with file_errors(dst, "cannot write the PEFT adapter", "free space or fix permissions"):
         dst.mkdir(parents=True, exist_ok=True)
-        save_file(sd, str(dst / WEIGHTS), metadata={"format": "pt"})
+        save_file(sd, str(dst / WEIGHTS), metadata={**(metadata or {}), "format": "pt"})
         (dst / CONFIG).write_text(json.dumps(config, indent=2))
     return dst
 
 
-def _read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    d = Path(adapter_dir)
+def adapter_metadata(adapter_dir: str | Path) -> dict[str, str]:
+    """The header metadata of a PEFT adapter's weights file ({} if it has none)."""
+    from safetensors import safe_open
+
+    path = Path(adapter_dir) / WEIGHTS
+    fix = "re-save the adapter"
+    with file_errors(path, "is not a readable safetensors file", fix), safe_open(
+        str(path), framework="pt"
+    ) as f:
+        return dict(f.metadata() or {})
+
+
+def is_peft_dir(path: str | Path) -> bool:
+    return (Path(path) / CONFIG).is_file()
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    return _read_adapter_config(Path(adapter_dir))
+
+
+def _read_adapter_config(d: Path) -> dict[str, Any]:
     if not (d / CONFIG).is_file():
         raise StokerError(
             f"{d} has no {CONFIG}; point at a directory PEFT's save_pretrained "
@@ -193,6 +216,12 @@ def _read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, to
         config = json.loads((d / CONFIG).read_bytes())
     if not isinstance(config, dict):
         raise file_error(d / CONFIG, "does not hold a JSON object", "re-save the adapter")
+    return config
+
+
+def _read_adapter(adapter_dir: str | Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    d = Path(adapter_dir)
+    config = _read_adapter_config(d)
     if not (d / WEIGHTS).is_file():
         fix = (
             "stoker loads only safetensors (unpickling can run code); re-save it with "

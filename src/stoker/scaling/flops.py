@@ -211,6 +211,14 @@ def flops_per_token(
     return 6.0 * n[convention] + attention
 
 
+def frozen_flops_per_token(cfg: ModelConfig, seq_len: int, trainable: int) -> float:
+    """Training FLOPs per token with the base frozen and `trainable` adapter parameters (LoRA),
+    in the PaLM convention: forward 2N and input gradients 2N for every weight, weight
+    gradients 2N for the trainable ones only, so 4·N_base + 6·N_adapter + attention."""
+    attention = 12.0 * cfg.n_layer * cfg.n_head * cfg.dim_head * seq_len
+    return 4.0 * count_params(cfg).total + 6.0 * trainable + attention
+
+
 # ------------------------------------------------------------------ Mixture-of-Recursions
 def mor_router_params(cfg: ModelConfig, mor: MoRConfig) -> int:
     """Router weights of a MoR model: R × Linear(C, 1) (expert-choice) or Linear(C, R)

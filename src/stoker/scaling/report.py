@@ -39,11 +39,8 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help="recipe YAML (or use --preset)")
     parser.add_argument("--preset", help=f"model preset instead of a recipe: {', '.join(PRESETS)}")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the recipe's)")
-    parser.add_argument(
-        "--micro-batch-size",
-        type=int,
-        help="sequences per GPU per forward, for memory (default: the recipe's)",
-    )
+    parser.add_argument("--micro-batch-size", type=int,
+                        help="sequences per GPU per forward, for memory (default: the recipe's)")
     parser.add_argument(
         "--num-gpus",
         type=int,
@@ -69,11 +66,8 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         choices=list(flops.CONVENTIONS),
         help="FLOPs/token convention the MFU refers to (default palm)",
     )
-    parser.add_argument(
-        "--strategy",
-        choices=flops.STRATEGIES,
-        help="memory estimate for this strategy (default: the recipe's)",
-    )
+    parser.add_argument("--strategy", choices=flops.STRATEGIES,
+                        help="memory estimate for this strategy (default: the recipe's)")
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--tokens", type=_amount, help="training tokens D (e.g. 85B)")
     budget.add_argument("--budget-flops", type=_amount, help="compute budget C = 6·N·D")
@@ -104,7 +98,12 @@ def _load(args: argparse.Namespace) -> tuple[RecipeConfig, str, bool]:
         return validate_config({"model": {"preset": args.preset}}), args.preset, False
     if not args.recipe:
         raise StokerError(f"give a recipe YAML or --preset NAME (known: {', '.join(PRESETS)})")
-    return load_config(args.recipe), args.recipe, True
+    cfg = load_config(args.recipe)
+    if cfg.train.init_from is not None:  # the architecture is the source's
+        from stoker.tasks.source import resolve_init
+
+        cfg = resolve_init(cfg)[0]
+    return cfg, args.recipe, True
 
 
 def _shape(cfg: RecipeConfig, args: argparse.Namespace) -> tuple[int, int, str]:
@@ -134,7 +133,7 @@ def count_result(cfg: RecipeConfig, label: str, args: argparse.Namespace) -> dic
     """Everything `stoker count` prints, as a JSON-able dict."""
     m = cfg.model
     T, mb, precision = _shape(cfg, args)
-    mor = cfg.mor
+    mor = getattr(cfg, "mor", None)
     shared = mor and flops.count_params_shared(m, mor.recursions, mor.sharing)
     p = shared or flops.count_params(m)
     routers = 0 if mor is None else flops.mor_router_params(m, mor)

@@ -308,6 +308,28 @@ def write_checkpoint_extras(tmp: Path, tokenizer_dir: str | Path | None,
         extra(tmp)
 
 
+TRAINABLE_ONLY = "_stoker_saves_trainable_only"
+
+
+def save_trainable_only(model: torch.nn.Module) -> None:
+    """Mark a model whose checkpoints hold its trainable tensors only (adapters, heads): the
+    frozen rest comes from its base, recorded in the checkpoint's metadata."""
+    setattr(model, TRAINABLE_ONLY, True)
+
+
+def saved_names(model: torch.nn.Module) -> set[str] | None:
+    """The state-dict names a checkpoint of `model` holds; None: all of them."""
+    if not getattr(model, TRAINABLE_ONLY, False):
+        return None
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def saved_part(model: torch.nn.Module, sd: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `sd` (the model's state dict) that its checkpoints hold."""
+    names = saved_names(model)
+    return sd if names is None else {k: v for k, v in sd.items() if k in names}
+
+
 def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
     """Copy a checkpoint's weights into `model` (built from its config; e.g. on the meta device
     and then `sharded.materialize`d), one tensor at a time: from model.safetensors, or
@@ -321,7 +343,7 @@ def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
     path = Path(ckpt) / "model.safetensors"
     if not path.is_file():
         raise StokerError(f"checkpoint {ckpt} has no model.safetensors")
-    targets = model.state_dict()
+    targets = saved_part(model, model.state_dict())
     unfit = f"weights in {path} do not fit the model built from its config"
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:

@@ -166,7 +166,10 @@ def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str
         opt_state = optimizer.state_dict() if info.is_main else {}
     else:
         opt_state = optimizer.state_dict()
-    return unwrap(model).state_dict(), opt_state
+    from stoker.train.checkpoint import saved_part
+
+    raw = unwrap(model)
+    return saved_part(raw, raw.state_dict()), opt_state
 
 
 def broadcast_object(obj: Any, info: DistInfo, src: int = 0) -> Any:
@@ -331,8 +334,10 @@ def _send_weights(ckpt, model: nn.Module, info: DistInfo) -> None:
     raw = unwrap(model)
     run_on_main(lambda: load_weights(raw, ckpt), info)
     if info.enabled:
+        from stoker.train.checkpoint import saved_part
+
         aliases = alias_names(raw)  # tied: the same memory, sent once
-        for name, t in raw.state_dict().items():
+        for name, t in saved_part(raw, raw.state_dict()).items():
             if name not in aliases:
                 dist.broadcast(t, src=0)
 
@@ -472,7 +477,10 @@ def _load_full_into_shards(ckpt, model: nn.Module, optimizer, info: DistInfo) ->
         box["optim"] = _rekey(_read_optimizer_file(ckpt), names, True, ckpt / "optimizer.pt")
 
     run_on_main(read, info)
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    from stoker.train.checkpoint import saved_names
+
+    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                            strict=saved_names(unwrap(model)) is None)
     set_model_state_dict(model, box["model"], options=opts)
     set_optimizer_state_dict(model, optimizer, box["optim"], options=opts)
 

@@ -18,10 +18,8 @@ from typing import Any
 
 import torch
 
-from stoker.api import build_model
 from stoker.config import RecipeConfig, dump_config
 from stoker.errors import StokerError
-from stoker.models.gpt import lm_loss
 from stoker.monitor.advice import AdviceOnce, advise, print_advice, signals_for_run
 from stoker.monitor.system import start_monitor
 from stoker.train import distributed as D
@@ -29,7 +27,6 @@ from stoker.train.checkpoint import remove_staging_dirs
 from stoker.train.guard import NonFiniteGuard
 from stoker.train.optim import build_optimizer, lr_at
 from stoker.train.runlock import RunLock
-from stoker.train.sharded import materialize
 from stoker.train.state import (
     check_out_dir,
     find_resume,
@@ -97,21 +94,6 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
-@torch.no_grad()
-def evaluate(model, loader, n_batches: int, info: D.DistInfo, amp, n_micro: int) -> float:
-    """Mean validation loss over `n_batches` fixed global batches (every rank its slice)."""
-    model.eval()
-    total = torch.zeros((), device=info.device)
-    for step in range(n_batches):
-        for micro in range(n_micro):
-            x, y = loader.batch(step, info.rank, info.world, micro, n_micro)
-            x, y = x.to(info.device), y.to(info.device)
-            with amp:
-                total += lm_loss(model(x), y).float() / n_micro
-    model.train()
-    return float(D.all_reduce_mean(total / max(1, n_batches), info))
-
-
 def train(cfg: RecipeConfig) -> dict[str, Any]:
     """Train `cfg` to `train.max_steps` (or until stopped); returns the run summary."""
     t, info = cfg.train, D.init_distributed(cfg.train.device, cfg.dist.backend)
@@ -125,24 +107,24 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
 
 
 def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
-    from stoker.data.loader import BatchStream, TokenWindows, loader_settings
-    from stoker.data.prepare import prepare
-    from stoker.data.shards import check_vocab, load_meta
+    from stoker.data.loader import BatchStream, loader_settings
     from stoker.reproducibility import configure
+    from stoker.tasks import make_task
+    from stoker.tasks.base import sum_over_ranks
 
     deterministic = t.deterministic if t.deterministic != "auto" else info.device.type == "cpu"
     repro = configure(deterministic, info.device.type)  # before any tensor math
+    task = make_task(cfg, info)
+    cfg = task.cfg  # resolved: e.g. the model section of train.init_from's model
+    metric, direction = _early_stopping(task, t)
     prep_stats: dict[str, float] = {}  # tokens/s, if this run tokenized the corpus itself
     if info.is_main:
         (out / "config.yaml").write_text(dump_config(cfg))
         print(f"stoker: training {cfg.recipe} on {info.device} × {info.world}, "
               f"writing {out}\n{dump_config(cfg)}", flush=True)
-        meta = prepare(cfg, prep_stats)
+        task.prepare(prep_stats)
     D.barrier(info)
-    if not info.is_main:
-        meta = load_meta(cfg.data.dir)
-    check_vocab(meta, cfg.model.vocab_size)
-    seq_len = t.seq_len or cfg.model.max_seq_len
+    task.open_data()
     n_micro = accumulation_steps(t.batch_size, t.micro_batch_size, info.world)
     precision = resolve_precision(t.precision, info.device)
     amp = autocast_context(precision, info.device)
@@ -150,24 +132,19 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     ckpt = find_resume(t.resume, out, info)
-    if ckpt is None:
-        raw = build_model(cfg.model, mor=cfg.mor).to(info.device)
-    else:  # shapes on meta, then uninitialized memory the checkpoint fills: no random init
-        raw = materialize(build_model(cfg.model, "meta", mor=cfg.mor), info.device)
-    aux_loss, telemetry = getattr(raw, "auxiliary_loss", None), getattr(raw, "telemetry", None)
+    raw = task.build_model(info.device, ckpt)
     if t.activation_checkpointing:
         apply_activation_checkpointing(raw)
     model = D.parallelize(raw, cfg.dist.strategy, info)
     opt = build_optimizer(model, cfg.optim, info.device.type, cfg.dist.strategy == "zero1"
-                          and info.enabled)
-    train_data = TokenWindows(cfg.data.dir, "train", seq_len, t.batch_size, t.seed)
-    val_data = TokenWindows(cfg.data.dir, "val", seq_len, t.batch_size, t.seed + 1)
+                          and info.enabled, task.param_groups(raw))
+    train_data = task.train_data
     torch.manual_seed(t.seed + 1000 + info.rank)  # dropout streams differ per rank
 
-    step, best_val, bad_evals = 0, math.inf, 0
+    step, best, bad_evals = 0, math.inf if direction == "min" else -math.inf, 0
     if ckpt is not None:
         state = load_training_state(ckpt, model, opt, cfg, info, train_data)
-        step, best_val, bad_evals = state["step"], state["best_val"], state["bad_evals"]
+        step, best, bad_evals = state["step"], state["best_val"], state["bad_evals"]
         if info.is_main:
             dropped = trim_metrics(out, step)  # rows logged after that checkpoint
             print(f"stoker: resuming from step {step} ({ckpt})" + (
@@ -183,9 +160,9 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
     guard = NonFiniteGuard(opt, info.device, enabled=precision != "fp16")
     sync = info.device.type == "cuda"
     tracker = _make_tracker(cfg, info)
-    meter = Throughput(cfg, seq_len, info, precision)
+    meter = Throughput(task.flops_per_token(), info, precision)
     bar = progress_bar(step, t.max_steps, info.is_main)
-    stopped, last_val, loss_mean = None, None, None
+    stopped, last_eval, loss_mean = None, {}, None
     live_advice = AdviceOnce()  # advice printed at the start, then when a rule first fires
     if info.is_main:  # config-level advice (nothing measured yet)
         print(f"stoker: deterministic: {repro}", flush=True)
@@ -198,32 +175,37 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
     def save(step: int) -> None:
         train_data.next_step = step  # batches are built ahead (workers); the saved position
         save_training_state(out, step, model, opt, cfg, info, train_data,
-                            {"best_val": best_val, "bad_evals": bad_evals}, cfg.data.dir)
+                            {"best_val": best, "bad_evals": bad_evals}, task.tokenizer_dir,
+                            task.checkpoint_meta())
 
-    model.train()
+    task.train_mode(model)
     with StopFlag() as flag, batches, start_monitor(out, t.monitor_interval, info.is_main,
                                                    info.device.index or 0) as monitor, \
             erase_on_error(bar):
         while step < t.max_steps:
             lr = lr_at(step, t.max_steps, cfg.optim)
             for group in opt.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
             meter.start_step()
-            loss_sum = torch.zeros((), device=info.device)
-            for micro in range(n_micro):
+            micro_batches = []  # the whole step's, so every loss sum is divided by its count
+            for _ in range(n_micro):
                 meter.wait_for_data()
-                x, y = next(batches)
-                x, y = x.to(info.device, non_blocking=True), y.to(info.device, non_blocking=True)
+                micro_batches.append(task.to_device(next(batches), info.device))
                 meter.data_ready()
+            count, tokens = sum_over_ranks([sum(task.count(b) for b in micro_batches),
+                                            sum(task.tokens(b) for b in micro_batches)], info)
+            scale = info.world / max(count, 1)  # DDP/FSDP average gradients over ranks
+            loss_sum = torch.zeros((), device=info.device)
+            for micro, b in enumerate(micro_batches):
                 with D.grad_sync(model, micro == n_micro - 1), amp:
-                    lm = lm_loss(fwd(x), y) / n_micro
-                    loss = lm + aux_loss() / n_micro if aux_loss else lm  # e.g. MoR routers'
+                    total, aux = task.loss(fwd, b)
+                    loss = total * scale + aux / n_micro if aux is not None else total * scale
                 scaler.scale(loss).backward()
-                loss_sum += lm.detach()
+                loss_sum += total.detach().float()
             scaler.unscale_(opt)
             grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
                                                        t.grad_clip if t.grad_clip > 0 else 1e30)
-            loss_mean = D.all_reduce_mean(loss_sum, info)
+            loss_mean = D.all_reduce_mean(loss_sum, info) * scale  # Σ loss / count
             if guard.step(step + 1, loss_mean, grad_norm):
                 scaler.step(opt)
                 scaler.update()
@@ -234,7 +216,7 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
             save_now = step % t.save_interval == 0 or step == t.max_steps
             if sync and log_now:  # the window's time then includes the GPU's queue
                 torch.cuda.synchronize(info.device)
-            meter.end_step(t.batch_size * seq_len)
+            meter.end_step(int(tokens))
             monitor.step = step
             if not sync or log_now or eval_now or save_now:  # host reads: free on a CPU
                 bad = guard.poll()
@@ -249,7 +231,7 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
                         "lower optim.lr, raise optim.warmup_steps or use train.nan_policy=skip")
 
             if log_now:
-                extra = telemetry() if telemetry else {}  # the model's own, e.g. MoR routing
+                extra = task.telemetry(raw)  # the model's own, e.g. MoR routing
                 row = {"step": step, "loss": float(loss_mean), "lr": lr,
                        "grad_norm": float(grad_norm), **meter.report(), **memory_gb(info), **extra}
                 tracker.log(row)
@@ -263,16 +245,16 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
             bar.update(1)
 
             if eval_now:
-                last_val = evaluate(fwd, val_data, t.eval_steps, info, amp, n_micro)
+                last_eval = task.evaluate(fwd, t.eval_steps, amp, n_micro)
                 meter.exclude_since_last_step()
-                tracker.log({"step": step, "val_loss": last_val,
-                             "val_perplexity": math.exp(min(last_val, 50))})
-                if last_val < best_val - 1e-4:
-                    best_val, bad_evals = last_val, 0
+                tracker.log({"step": step, **last_eval})
+                value = last_eval[metric]
+                if value < best - 1e-4 if direction == "min" else value > best + 1e-4:
+                    best, bad_evals = value, 0
                 else:
                     bad_evals += 1
                 if t.early_stopping_metric and bad_evals >= t.early_stopping_patience:
-                    stopped = f"early stopping: val_loss has not improved for {bad_evals} evals"
+                    stopped = f"early stopping: {metric} has not improved for {bad_evals} evals"
             if D.broadcast_flag(flag.set, info):
                 stopped = stopped or f"stopped by signal at step {step}"
             if stopped or save_now:
@@ -282,7 +264,7 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
                 break
     bar.close()
     summary = {**meter.summary(step), "final_loss": float(loss_mean) if loss_mean is not None else None,
-               "final_val_loss": last_val, "stopped": stopped, "out_dir": str(out),
+               "final_val_loss": last_eval.get("val_loss"), "stopped": stopped, "out_dir": str(out),
                # share of the run's time the system monitor cost (sampler CPU + bar line)
                "monitor_overhead": monitor.cost_seconds / max(meter.elapsed(), 1e-9)}
     summary["advice"] = advise(signals_for_run(cfg, info.device, precision, info.world, {
@@ -297,6 +279,16 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
         print(f"stoker: {stopped or 'done'} — {meter.summary_line(summary)}", flush=True)
     D.cleanup(info)
     return summary
+
+
+def _early_stopping(task, t) -> tuple[str, str]:
+    """(metric, "min" | "max") that early stopping watches (the best value is tracked even
+    when it is off): `train.early_stopping_metric`, which must be one the task reports."""
+    metric = t.early_stopping_metric or next(iter(task.metrics))
+    if metric not in task.metrics:
+        raise StokerError(f"train.early_stopping_metric={metric} is not a metric of the "
+                          f"{task.name} recipe; use one of {', '.join(task.metrics)}")
+    return metric, task.metrics[metric]
 
 
 def _make_tracker(cfg: RecipeConfig, info: D.DistInfo):

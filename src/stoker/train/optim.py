@@ -29,22 +29,27 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str,
-                    zero1: bool = False) -> torch.optim.Optimizer:
-    """AdamW (fused on CPU/CUDA, foreach otherwise); ZeroRedundancyOptimizer when `zero1`."""
+                    zero1: bool = False, groups: list[dict] | None = None
+                    ) -> torch.optim.Optimizer:
+    """AdamW (fused on CPU/CUDA, foreach otherwise) over `groups` (default: `param_groups`;
+    a group's `lr_scale` multiplies the schedule's lr); ZeroRedundancyOptimizer when `zero1`."""
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
     if device_type in ("cuda", "cpu") and fused_adamw_available(device_type):
         kwargs["fused"] = True
     else:
         kwargs["foreach"] = True
-    groups = param_groups(model, cfg.weight_decay)
+    groups = [g for g in groups or param_groups(model, cfg.weight_decay) if g["params"]]
     if not zero1:
         return torch.optim.AdamW(groups, **kwargs)
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     kwargs.pop("foreach", None)
-    zero = ZeroRedundancyOptimizer(groups[0]["params"], optimizer_class=torch.optim.AdamW,
-                                   weight_decay=cfg.weight_decay, **kwargs)
-    zero.add_param_group({"params": groups[1]["params"], "weight_decay": 0.0})
+    first, *rest = groups
+    zero = ZeroRedundancyOptimizer(first["params"], optimizer_class=torch.optim.AdamW,
+                                   weight_decay=first["weight_decay"], **kwargs)
+    zero.param_groups[0].update({k: v for k, v in first.items() if k != "params"})
+    for group in rest:
+        zero.add_param_group(group)
     return zero
 
 

@@ -167,7 +167,10 @@ def _dcp_state(model: nn.Module, optimizer: torch.optim.Optimizer):
     holds, its own shards under FSDP2, each tied weight once)."""
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
+    from stoker.train.checkpoint import saved_part
+
     model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd = saved_part(model, model_sd)  # a frozen base is not saved
     aliases = alias_names(model)
     state = {
         "model": {k: v for k, v in model_sd.items() if k not in aliases},
@@ -236,11 +239,16 @@ def load_sharded(ckpt: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
             process_group=_group(info),
             no_dist=not info.enabled,
         )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    from stoker.train.checkpoint import saved_names
+
     set_state_dict(
         model,
         optimizer,
         model_state_dict=model_sd,
         optim_state_dict={"state": state["optim"], "param_groups": groups},
+        options=StateDictOptions(strict=saved_names(model) is None),
     )
 
 
@@ -295,9 +303,12 @@ def read_sharded(
 
 def load_sharded_weights(model: nn.Module, ckpt: str | Path) -> None:
     """Copy a sharded checkpoint's consolidated weights into `model` (one process)."""
+    from stoker.train.checkpoint import saved_part
+
     aliases = alias_names(model)
     with torch.no_grad():
-        targets = {k: v for k, v in model.state_dict().items() if k not in aliases}
+        kept = saved_part(model, model.state_dict())
+        targets = {k: v for k, v in kept.items() if k not in aliases}
         read_sharded(Path(ckpt), "model", into=targets)
 
 

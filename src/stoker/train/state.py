@@ -108,11 +108,13 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_training_state(out: Path, step: int, model, opt, cfg: RecipeConfig, info: D.DistInfo,
-                        loader, counters: dict[str, Any], data_dir: str) -> Path:
+                        loader, counters: dict[str, Any], tokenizer_dir: Path | None,
+                        meta: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it. Weights and optimizer state go into a staging dir
     (`D.save_model_optimizer`: by rank 0, or by every rank for its shards), then rank 0 adds
     the trainer state and tokenizer, publishes `out/checkpoints/step-N/` with its manifest and
-    prunes. A failure on any rank (a full disk) is a StokerError on every rank."""
+    prunes. `meta`: entries the task adds to stoker.json (e.g. its frozen base). A failure
+    on any rank (a full disk) is a StokerError on every rank."""
     final = out / CKPT_SUBDIR / step_dir_name(step)
     rng = [None] * info.world
     if info.enabled:
@@ -133,8 +135,9 @@ def save_training_state(out: Path, step: int, model, opt, cfg: RecipeConfig, inf
         trainer_state = {"step": step, "world": info.world, "strategy": cfg.dist.strategy,
                          "rng": rng, "loader": loader.state_dict(), **counters}
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
-        write_checkpoint_extras(tmp, Path(data_dir) / "tokenizer", None)
-        publish_checkpoint(tmp, final, {"step": step, "config": cfg.model_dump(mode="json")})
+        write_checkpoint_extras(tmp, tokenizer_dir, None)
+        publish_checkpoint(tmp, final, {"step": step, "config": cfg.model_dump(mode="json"),
+                                        **(meta or {})})
         prune_checkpoints(out, cfg.train.keep_last, keep=final)
 
     D.run_on_main(publish, info, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True))
@@ -148,7 +151,8 @@ def load_training_state(ckpt: Path, model, opt, cfg: RecipeConfig, info: D.DistI
     path = ckpt / "trainer_state.json"
     if not path.is_file():
         raise StokerError(f"{ckpt} is a model checkpoint without training state; to start "
-                          "from its weights use it as an init, not train.resume")
+                          f"from its weights use --train.init_from={ckpt} (and "
+                          "--train.resume=never), not train.resume")
     try:
         state = json.loads(path.read_text())
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):

@@ -20,8 +20,6 @@ from typing import Any
 
 import torch
 
-from stoker.config import RecipeConfig
-
 _CPU_PEAK: dict[str, float] = {}
 
 
@@ -99,11 +97,8 @@ def peak_for(device: torch.device, precision: str) -> tuple[float | None, str]:
 class Throughput:
     """Tokens/s, data-wait fraction and MFU over the steps since the last report."""
 
-    def __init__(self, cfg: RecipeConfig, seq_len: int, info, precision: str):
-        from stoker.scaling.flops import flops_per_token
-
-        # with a MoR section: capacity-aware FLOPs of the applied layers
-        self.flops_per_token = flops_per_token(cfg.model, seq_len, mor=getattr(cfg, "mor", None))
+    def __init__(self, flops_per_token: float, info, precision: str):
+        self.flops_per_token = flops_per_token  # the task's (e.g. MoR: capacity-aware)
         self.peak, self.basis = peak_for(info.device, precision)
         self.world = info.world
         self.t_start = time.perf_counter()
