@@ -68,7 +68,7 @@ def test_init_from_first_step_loss_equals_the_source_on_that_batch(
 
 
 def test_lora_run_trains_adapters_only_and_saves_them_alone(ft_args, finished_run, tmp_path):
-    cfg = load_config(None, ["--recipe=finetune", *ft_args()])
+    cfg = load_config(None, ["--recipe=finetune", *ft_args("--train.max_steps=20")])
     train(cfg)
     out = Path(cfg.train.out_dir)
     base = load_model(finished_run).state_dict()
@@ -236,3 +236,28 @@ def test_a_changed_base_is_refused_by_eval_generate_export_and_resume(
     ):
         err = one_line_error(argv, capsys)
         assert "restore the original base weights" in err, (argv, err)
+
+
+def test_early_stopping_watches_any_metric_the_recipe_reports(ft_recipe, ft_args, capsys):
+    args = ft_args(
+        "--train.early_stopping_metric=val_perplexity",
+        "--train.eval_interval=2",
+        "--train.early_stopping_patience=1",
+        "--optim.lr=0",
+    )
+    assert main(["train", str(ft_recipe), *args]) == 0  # lr 0: no improvement after eval 1
+    assert "early stopping: val_perplexity has not improved for 1 evals" in capsys.readouterr().out
+    err = one_line_error(
+        ["train", str(ft_recipe), *ft_args("--train.early_stopping_metric=bleu")], capsys
+    )
+    assert "is not a metric of the finetune recipe; use one of val_loss, val_perplexity" in err
+
+
+def test_prepare_of_a_finetune_recipe_tokenizes_once(ft_recipe, ft_args, tmp_path):
+    args = ft_args(f"--data.dir={tmp_path / 'sft'}")
+    assert main(["prepare", str(ft_recipe), *args]) == 0
+    meta = tmp_path / "sft" / "meta.json"
+    first = meta.stat().st_mtime_ns
+    assert json.loads(meta.read_text())["format"] == "stoker-sft"
+    assert main(["prepare", str(ft_recipe), *args]) == 0
+    assert meta.stat().st_mtime_ns == first  # up to date: a no-op
