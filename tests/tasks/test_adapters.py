@@ -102,3 +102,18 @@ def test_r8_checkpoint_is_under_5_percent_of_the_base(ft_recipe, ft_args, finish
     ckpt = list_checkpoints(tmp_path / "ft")[-1]
     share = dir_bytes(ckpt) / (base / "model.safetensors").stat().st_size
     assert share < 0.05, share
+
+
+def test_count_of_a_lora_recipe_reports_the_adapters_as_trainable(ft_recipe, ft_args, capsys):
+    """r·(in + out) per adapted linear, by hand: the tiny base (2 layers, d 32, 4 heads /
+    2 kv heads of 8, d_ff 64), r = 4 on every linear but the LM head."""
+    recipe = ft_recipe.parent / "lora.yaml"
+    overrides = dict(a.removeprefix("--").split("=", 1) for a in ft_args())
+    lines = ["recipe: finetune", f"train: {{init_from: {overrides['train.init_from']}}}",
+             "lora: {r: 4, targets: all-linear}"]
+    recipe.write_text("\n".join(lines) + "\n")
+    assert main(["count", str(recipe), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    C, Q, KV, F = 32, 32, 16, 64  # d_model, q out, k/v out, d_ff
+    per_layer = 4 * ((C + Q) + 2 * (C + KV) + (Q + C) + 2 * (C + F) + (F + C))
+    assert got["params_trainable"] == 2 * per_layer

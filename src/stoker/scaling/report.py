@@ -74,17 +74,10 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--hours", type=float, help="wall-clock hours on the GPUs")
     parser.add_argument("--price-per-gpu-hour", type=float, help="price of one GPU-hour")
     parser.add_argument("--law", help="your own Chinchilla constants E,A,B,alpha,beta")
-    parser.add_argument(
-        "--fit",
-        nargs="+",
-        metavar="RUN",
-        help="fit the law to these runs (metrics.jsonl files or run dirs)",
-    )
-    parser.add_argument(
-        "--fit-final-only",
-        action="store_true",
-        help="fit on each run's last point only (default: every logged point)",
-    )
+    parser.add_argument("--fit", nargs="+", metavar="RUN",
+                        help="fit the law to these runs (metrics.jsonl files or run dirs)")
+    parser.add_argument("--fit-final-only", action="store_true",
+                        help="fit on each run's last point only (default: every logged point)")
     parser.add_argument("--target-loss", type=float, help="also report tokens to reach it")
 
 
@@ -141,14 +134,19 @@ def count_result(cfg: RecipeConfig, label: str, args: argparse.Namespace) -> dic
         s: flops.estimate_memory(m, s, args.num_gpus, mb, T, precision, mor)
         for s in flops.STRATEGIES
     }
+    lora, adapters = getattr(cfg, "lora", None), 0
+    if lora is not None:  # adapters counted on a model built on the meta device
+        from stoker.tasks.finetune import adapter_params
+
+        adapters = adapter_params(m, lora)
     names = flops.CONVENTIONS if mor is None else flops.MOR_CONVENTIONS
     per_token = {c: flops.flops_per_token(m, T, c, mor) for c in names}
     return {
         "model": label,
         "arch": m.arch,
-        "params_total": p.total + routers,
-        "params_non_embedding": p.non_embedding + routers,
-        "params_trainable": p.total + routers,
+        "params_total": p.total + routers + adapters,
+        "params_non_embedding": p.non_embedding + routers + adapters,
+        "params_trainable": adapters if lora else p.total + routers,  # LoRA: a frozen base
         "params": {
             "embedding": p.embedding,
             "position": p.position,

@@ -177,13 +177,7 @@ class FinetuneTask(Task):
         return frozen_flops_per_token(self.cfg.model, self.seq_len, self.adapter_params())
 
     def adapter_params(self) -> int:
-        from stoker.api import build_model
-        from stoker.models.lora import apply_lora
-
-        with torch.device("meta"):
-            model = build_model(self.cfg.model, "meta")
-            apply_lora(model, self.cfg.lora)
-        return sum(p.numel() for p in model.parameters() if p.requires_grad)
+        return adapter_params(self.cfg.model, self.cfg.lora)
 
     # ------------------------------------------------------------------------------ step
     def to_device(self, batch, device: torch.device):
@@ -260,3 +254,14 @@ class FinetuneTask(Task):
             save_trainable_only(model)
         load_weights(model, ckpt)
         return model.eval()
+
+
+def adapter_params(model_cfg, lora_cfg) -> int:
+    """Parameters LoRA adds to (and trains in) the model `model_cfg` describes, counted on a
+    model built on the meta device (no memory)."""
+    from stoker.api import build_model
+    from stoker.models.lora import apply_lora
+
+    model = build_model(model_cfg, "meta")
+    apply_lora(model, lora_cfg)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
