@@ -330,7 +330,7 @@ class MoRConfig(Section):
 
 
 # fine-tuning sections (config_finetune.py; imported here, the one place configs come from)
-from stoker.config_finetune import LoRAConfig, SFTDataConfig  # noqa: E402
+from stoker.config_finetune import EncoderConfig, LoRAConfig, SFTDataConfig  # noqa: E402
 
 
 class RecipeConfig(Section):
@@ -392,10 +392,13 @@ class FinetuneRecipeConfig(RecipeConfig):
     lora: LoRAConfig | None = None  # None: full fine-tuning
 
 
+from stoker.config_dynamo import DynamoRecipeConfig  # noqa: E402
+
 RECIPES: dict[str, type[RecipeConfig]] = {
     "pretrain": RecipeConfig,
     "mor": MoRRecipeConfig,
     "finetune": FinetuneRecipeConfig,
+    "dynamo": DynamoRecipeConfig,
 }
 
 
@@ -428,6 +431,8 @@ __all__ = [
     "RECIPES",
     "DataConfig",
     "DistConfig",
+    "DynamoRecipeConfig",
+    "EncoderConfig",
     "FinetuneRecipeConfig",
     "LoRAConfig",
     "ModelConfig",

@@ -7,7 +7,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from stoker.config import LoaderConfig, PositiveFloat, PositiveInt, Probability, Section, Seed
+from stoker.config import (
+    LoaderConfig,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    Probability,
+    Section,
+    Seed,
+)
 
 
 class SFTDataConfig(LoaderConfig):
@@ -70,3 +78,58 @@ class LoRAConfig(Section):
                 "lora.targets needs non-empty module patterns (e.g. q_proj,v_proj) or all-linear"
             )
         return self
+
+
+class EncoderConfig(Section):
+    """Encoder shape. `arch` picks the position scheme: `bert` (0..T-1) or `roberta`
+    (from `pad_token_id + 1`, skipping pads). `max_seq_len` is the number of position rows
+    (HF's `max_position_embeddings`); RoBERTa can use `max_seq_len - pad_token_id - 1` of them."""
+
+    arch: Literal["bert", "roberta"] = "bert"
+    n_layer: PositiveInt = 2
+    n_head: PositiveInt = 4
+    d_model: PositiveInt = 64
+    d_ff: PositiveInt | None = None  # None: 4·d_model
+    vocab_size: PositiveInt = 512
+    max_seq_len: PositiveInt = 128
+    type_vocab_size: PositiveInt = 2
+    norm_eps: PositiveFloat = 1e-12
+    dropout: Probability = 0.0  # embeddings, attention probabilities, residual branches
+    pad_token_id: NonNegativeInt | None = 0
+    use_pooler: bool = False
+    init_std: PositiveFloat = 0.02
+
+    @model_validator(mode="after")
+    def _check_shape(self) -> EncoderConfig:
+        if self.d_model % self.n_head != 0:
+            raise ValueError(
+                f"encoder.d_model={self.d_model} is not divisible by encoder.n_head={self.n_head}"
+            )
+        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
+            raise ValueError(
+                f"encoder.pad_token_id={self.pad_token_id} is outside the vocabulary "
+                f"(vocab_size={self.vocab_size})"
+            )
+        if self.arch == "roberta" and self.pad_token_id is None:
+            raise ValueError("encoder.arch=roberta needs pad_token_id (its positions skip pads)")
+        if self.arch == "roberta" and self.max_seq_len <= self.pad_token_id + 1:
+            raise ValueError(
+                f"encoder.max_seq_len={self.max_seq_len} leaves no RoBERTa positions after "
+                f"pad_token_id + 1 = {self.pad_token_id + 1}"
+            )
+        return self
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff or 4 * self.d_model
+
+    @property
+    def dim_head(self) -> int:
+        return self.d_model // self.n_head
+
+    @property
+    def max_tokens(self) -> int:
+        """The longest sequence the position table covers."""
+        if self.arch == "roberta":
+            return self.max_seq_len - self.pad_token_id - 1
+        return self.max_seq_len

@@ -24,75 +24,11 @@ residual add). `models/hf_encoder.py` maps them to and from HF's `attention.self
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import model_validator
 
-from stoker.config import (
-    NonNegativeInt,
-    PositiveFloat,
-    PositiveInt,
-    Probability,
-    Section,
-)
-
-
-class EncoderConfig(Section):
-    """Encoder shape. `arch` picks the position scheme: `bert` (0..T-1) or `roberta`
-    (from `pad_token_id + 1`, skipping pads). `max_seq_len` is the number of position rows
-    (HF's `max_position_embeddings`); RoBERTa can use `max_seq_len - pad_token_id - 1` of them."""
-
-    arch: Literal["bert", "roberta"] = "bert"
-    n_layer: PositiveInt = 2
-    n_head: PositiveInt = 4
-    d_model: PositiveInt = 64
-    d_ff: PositiveInt | None = None  # None: 4·d_model
-    vocab_size: PositiveInt = 512
-    max_seq_len: PositiveInt = 128
-    type_vocab_size: PositiveInt = 2
-    norm_eps: PositiveFloat = 1e-12
-    dropout: Probability = 0.0  # embeddings, attention probabilities, residual branches
-    pad_token_id: NonNegativeInt | None = 0
-    use_pooler: bool = False
-    init_std: PositiveFloat = 0.02
-
-    @model_validator(mode="after")
-    def _check_shape(self) -> EncoderConfig:
-        if self.d_model % self.n_head != 0:
-            raise ValueError(
-                f"encoder.d_model={self.d_model} is not divisible by encoder.n_head={self.n_head}"
-            )
-        if self.pad_token_id is not None and self.pad_token_id >= self.vocab_size:
-            raise ValueError(
-                f"encoder.pad_token_id={self.pad_token_id} is outside the vocabulary "
-                f"(vocab_size={self.vocab_size})"
-            )
-        if self.arch == "roberta" and self.pad_token_id is None:
-            raise ValueError("encoder.arch=roberta needs pad_token_id (its positions skip pads)")
-        if self.arch == "roberta" and self.max_seq_len <= self.pad_token_id + 1:
-            raise ValueError(
-                f"encoder.max_seq_len={self.max_seq_len} leaves no RoBERTa positions after "
-                f"pad_token_id + 1 = {self.pad_token_id + 1}"
-            )
-        return self
-
-    @property
-    def ffn_dim(self) -> int:
-        return self.d_ff or 4 * self.d_model
-
-    @property
-    def dim_head(self) -> int:
-        return self.d_model // self.n_head
-
-    @property
-    def max_tokens(self) -> int:
-        """The longest sequence the position table covers."""
-        if self.arch == "roberta":
-            return self.max_seq_len - self.pad_token_id - 1
-        return self.max_seq_len
+from stoker.config import EncoderConfig
 
 
 class BertEmbeddings(nn.Module):
@@ -164,7 +100,7 @@ class SelfAttention(nn.Module):
         self.o_proj = nn.Linear(C, C)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask` (B, 1, 1, T), True = a key that may be attended to."""
+        """`mask` (B, 1, 1, T) or (B, 1, T, T), True = a key that may be attended to."""
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
@@ -236,11 +172,19 @@ class Encoder(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`attention_mask` (B, T): 1 = a real token every position may attend to. Or
+        `attn_mask` (B, T, T) bool, True where query i may attend to key j (e.g. a
+        sequence-to-sequence mask); give one of the two, or neither (full attention)."""
         B, T = input_ids.shape
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
         mask = None  # no host sync on the mask's contents: it goes to SDPA as given
-        if attention_mask is not None:
+        if attn_mask is not None:
+            if attention_mask is not None:
+                raise ValueError("give attention_mask (B, T) or attn_mask (B, T, T), not both")
+            mask = attn_mask.bool().view(B, 1, T, T)  # (B, 1, T, T): queries × keys per row
+        elif attention_mask is not None:
             mask = attention_mask.bool().view(B, 1, 1, T)  # (B, 1, 1, T): keys per batch row
         for layer in self.layers:
             x = layer(x, mask)  # (B, T, C)

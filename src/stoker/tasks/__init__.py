@@ -1,7 +1,8 @@
 """Recipes as tasks on the one training loop (tasks/base.py has the interface).
 
 `recipe` in a config picks the task: pretrain and mor are language modelling on token shards
-(tasks/lm.py), finetune is supervised fine-tuning from `train.init_from` (tasks/finetune.py).
+(tasks/lm.py), finetune is supervised fine-tuning from `train.init_from` (tasks/finetune.py),
+dynamo the multi-task adapter/router recipe in phases (tasks/dynamo/).
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ from stoker.train.distributed import DistInfo
 
 
 def task_class(cfg: RecipeConfig) -> type[Task]:
+    from stoker.tasks.dynamo.task import DynamoTask
     from stoker.tasks.finetune import FinetuneTask
     from stoker.tasks.lm import LanguageModelTask, MoRTask
 
-    return {"pretrain": LanguageModelTask, "mor": MoRTask, "finetune": FinetuneTask}[cfg.recipe]
+    tasks = {"pretrain": LanguageModelTask, "mor": MoRTask, "finetune": FinetuneTask,
+             "dynamo": DynamoTask}  # fmt: skip
+    return tasks[cfg.recipe]
 
 
 def make_task(cfg: RecipeConfig, info: DistInfo | None = None) -> Task:

@@ -19,7 +19,8 @@ checkpoints and distribution. A task knows the rest, and only that:
   the checkpoint holds every tensor or the trainable ones only (train/checkpoint.py
   `save_trainable_only`); `load_trained` rebuilds a trained model for eval, generate, export.
 
-Phases of a multi-phase recipe are tasks run one after another, each resumable.
+Phases of a multi-phase recipe are stages (`stages`): runs of the loop one after another, each
+in its own directory, each resumable, skipped when done with the same inputs (train/stages.py).
 """
 
 from __future__ import annotations
@@ -47,6 +48,12 @@ class Task:
         self.cfg, self.info = cfg, info
         self.train_data: Any = None
         self.seq_len = cfg.train.seq_len or cfg.model.max_seq_len
+
+    @classmethod
+    def stages(cls, cfg: RecipeConfig) -> list | None:
+        """A multi-stage recipe's stages (train/stages.py `Stage`s, run in order by the loop),
+        or None: `cfg` is one run."""
+        return None
 
     # ------------------------------------------------------------------------------ data
     def prepare(self, stats: dict[str, Any] | None = None) -> dict[str, Any]:

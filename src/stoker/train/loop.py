@@ -79,9 +79,11 @@ def autocast_context(precision: str, device: torch.device):
 
 def accumulation_steps(batch: int, micro: int, world: int) -> int:
     if batch % (micro * world):
-        raise StokerError(f"train.batch_size={batch} is not divisible by train.micro_batch_size="
-                          f"{micro} × {world} process(es); pick a batch size that is a multiple "
-                          f"of {micro * world}")
+        raise StokerError(
+            f"train.batch_size={batch} is not divisible by train.micro_batch_size="
+            f"{micro} × {world} process(es); pick a batch size that is a multiple "
+            f"of {micro * world}"
+        )
     return batch // (micro * world)
 
 
@@ -95,15 +97,54 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
 
 
 def train(cfg: RecipeConfig) -> dict[str, Any]:
-    """Train `cfg` to `train.max_steps` (or until stopped); returns the run summary."""
-    t, info = cfg.train, D.init_distributed(cfg.train.device, cfg.dist.backend)
-    out = Path(t.out_dir)
+    """Train `cfg` to `train.max_steps` (or until stopped); returns the run summary. A
+    multi-stage recipe runs its stages in order (train/stages.py)."""
+    from stoker.tasks import task_class
+
+    stages = task_class(cfg).stages(cfg)
+    info = D.init_distributed(cfg.train.device, cfg.dist.backend)
+    summary = _train_one(cfg, info) if stages is None else _train_stages(cfg, stages, info)
+    D.cleanup(info)  # on success only: after an error another rank may never reach it
+    return summary
+
+
+def _train_one(cfg: RecipeConfig, info: D.DistInfo) -> dict[str, Any]:
+    out = Path(cfg.train.out_dir)
     with contextlib.ExitStack() as held:
         if info.is_main:
             check_out_dir(out)
             held.enter_context(RunLock(out))  # one run per out_dir; released on any exit
             remove_staging_dirs(out)  # what killed saves left behind
-        return _train(cfg, t, info, out)
+        return _train(cfg, cfg.train, info, out)
+
+
+def _train_stages(cfg: RecipeConfig, stages, info: D.DistInfo) -> dict[str, Any]:
+    """Each stage through `_train_one`, skipped when it finished with the same fingerprint;
+    a stage stopped by a signal ends the sequence (rerun to resume it)."""
+    from stoker.train import stages as S
+
+    out, summaries = Path(cfg.train.out_dir), {}
+    with contextlib.ExitStack() as held:
+        if info.is_main:
+            check_out_dir(out)
+            held.enter_context(RunLock(out))
+            (out / "config.yaml").write_text(dump_config(cfg))  # what eval/predict rebuild
+        for stage in stages:
+            state = D.broadcast_object(
+                S.prepare_stage(stage, print) if info.is_main else None, info
+            )
+            if state == "done":
+                summaries[stage.name] = (S.read_marker(stage.out_dir) or {}).get("summary")
+                continue
+            if info.is_main:
+                S.write_marker(stage, done=False)
+            summary = summaries[stage.name] = _train_one(stage.cfg, info)
+            if (summary.get("stopped") or "").startswith("stopped by signal"):
+                break
+            if info.is_main:
+                S.write_marker(stage, done=True, summary=summary)
+            D.barrier(info)
+    return {"stages": summaries, "out_dir": str(out)}
 
 
 def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
@@ -120,8 +161,11 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
     prep_stats: dict[str, float] = {}  # tokens/s, if this run tokenized the corpus itself
     if info.is_main:
         (out / "config.yaml").write_text(dump_config(cfg))
-        print(f"stoker: training {cfg.recipe} on {info.device} × {info.world}, "
-              f"writing {out}\n{dump_config(cfg)}", flush=True)
+        print(
+            f"stoker: training {cfg.recipe} on {info.device} × {info.world}, "
+            f"writing {out}\n{dump_config(cfg)}",
+            flush=True,
+        )
         task.prepare(prep_stats)
     D.barrier(info)
     task.open_data()
@@ -136,8 +180,13 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
     if t.activation_checkpointing:
         apply_activation_checkpointing(raw)
     model = D.parallelize(raw, cfg.dist.strategy, info)
-    opt = build_optimizer(model, cfg.optim, info.device.type, cfg.dist.strategy == "zero1"
-                          and info.enabled, task.param_groups(raw))
+    opt = build_optimizer(
+        model,
+        cfg.optim,
+        info.device.type,
+        cfg.dist.strategy == "zero1" and info.enabled,
+        task.param_groups(raw),
+    )
     train_data = task.train_data
     torch.manual_seed(t.seed + 1000 + info.rank)  # dropout streams differ per rank
 
@@ -147,15 +196,21 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
         step, best, bad_evals = state["step"], state["best_val"], state["bad_evals"]
         if info.is_main:
             dropped = trim_metrics(out, step)  # rows logged after that checkpoint
-            print(f"stoker: resuming from step {step} ({ckpt})" + (
-                f"; dropped {dropped} metrics row(s) logged after it" if dropped else ""),
-                flush=True)
+            print(
+                f"stoker: resuming from step {step} ({ckpt})"
+                + (f"; dropped {dropped} metrics row(s) logged after it" if dropped else ""),
+                flush=True,
+            )
     fwd = torch.compile(model) if t.compile else model
 
-    loading = loader_settings(info.device.type, cfg.data.num_workers, cfg.data.pin_memory,
-                              cfg.data.prefetch_factor, info.local_world)
-    batches = BatchStream(train_data, step, t.max_steps, info.rank, info.world, n_micro,
-                          **loading)
+    loading = loader_settings(
+        info.device.type,
+        cfg.data.num_workers,
+        cfg.data.pin_memory,
+        cfg.data.prefetch_factor,
+        info.local_world,
+    )
+    batches = BatchStream(train_data, step, t.max_steps, info.rank, info.world, n_micro, **loading)
     # non-finite steps are skipped on the device; the host looks every step only on a CPU
     guard = NonFiniteGuard(opt, info.device, enabled=precision != "fp16")
     sync = info.device.type == "cuda"
@@ -166,22 +221,42 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
     live_advice = AdviceOnce()  # advice printed at the start, then when a rule first fires
     if info.is_main:  # config-level advice (nothing measured yet)
         print(f"stoker: deterministic: {repro}", flush=True)
-        print(f"stoker: data loading: {loading['num_workers']} worker(s), pin_memory "
-              f"{loading['pin_memory']}" + (f", prefetch {loading['prefetch_factor']} per worker"
-                                            if loading["num_workers"] else ""), flush=True)
-        print_advice(live_advice.new(advise(signals_for_run(cfg, info.device, precision,
-                                                            info.world))))
+        print(
+            f"stoker: data loading: {loading['num_workers']} worker(s), pin_memory "
+            f"{loading['pin_memory']}"
+            + (
+                f", prefetch {loading['prefetch_factor']} per worker"
+                if loading["num_workers"]
+                else ""
+            ),
+            flush=True,
+        )
+        print_advice(
+            live_advice.new(advise(signals_for_run(cfg, info.device, precision, info.world)))
+        )
 
     def save(step: int) -> None:
         train_data.next_step = step  # batches are built ahead (workers); the saved position
-        save_training_state(out, step, model, opt, cfg, info, train_data,
-                            {"best_val": best, "bad_evals": bad_evals}, task.tokenizer_dir,
-                            task.checkpoint_meta())
+        save_training_state(
+            out,
+            step,
+            model,
+            opt,
+            cfg,
+            info,
+            train_data,
+            {"best_val": best, "bad_evals": bad_evals},
+            task.tokenizer_dir,
+            task.checkpoint_meta(),
+        )
 
     task.train_mode(model)
-    with StopFlag() as flag, batches, start_monitor(out, t.monitor_interval, info.is_main,
-                                                   info.device.index or 0) as monitor, \
-            erase_on_error(bar):
+    with (
+        StopFlag() as flag,
+        batches,
+        start_monitor(out, t.monitor_interval, info.is_main, info.device.index or 0) as monitor,
+        erase_on_error(bar),
+    ):
         while step < t.max_steps:
             lr = lr_at(step, t.max_steps, cfg.optim)
             for group in opt.param_groups:
@@ -192,8 +267,13 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
                 meter.wait_for_data()
                 micro_batches.append(task.to_device(next(batches), info.device))
                 meter.data_ready()
-            count, tokens = sum_over_ranks([sum(task.count(b) for b in micro_batches),
-                                            sum(task.tokens(b) for b in micro_batches)], info)
+            count, tokens = sum_over_ranks(
+                [
+                    sum(task.count(b) for b in micro_batches),
+                    sum(task.tokens(b) for b in micro_batches),
+                ],
+                info,
+            )
             scale = info.world / max(count, 1)  # DDP/FSDP average gradients over ranks
             loss_sum = torch.zeros((), device=info.device)
             for micro, b in enumerate(micro_batches):
@@ -203,8 +283,9 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
                 scaler.scale(loss).backward()
                 loss_sum += total.detach().float()
             scaler.unscale_(opt)
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(),
-                                                       t.grad_clip if t.grad_clip > 0 else 1e30)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), t.grad_clip if t.grad_clip > 0 else 1e30
+            )
             loss_mean = D.all_reduce_mean(loss_sum, info) * scale  # Σ loss / count
             if guard.step(step + 1, loss_mean, grad_norm):
                 scaler.step(opt)
@@ -221,27 +302,55 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
             if not sync or log_now or eval_now or save_now:  # host reads: free on a CPU
                 bad = guard.poll()
                 if bad and t.nan_policy == "skip":
-                    print(f"stoker: non-finite loss or gradients at {bad.count} step(s) "
-                          f"from step {bad.first}; those steps skipped", flush=True)
+                    print(
+                        f"stoker: non-finite loss or gradients at {bad.count} step(s) "
+                        f"from step {bad.first}; those steps skipped",
+                        flush=True,
+                    )
                 elif bad:
                     save(step)
                     raise StokerError(
                         f"loss or gradients became non-finite at step {bad.first}; saved the "
                         f"last good state (step {step}, that step not applied) to {out}; "
-                        "lower optim.lr, raise optim.warmup_steps or use train.nan_policy=skip")
+                        "lower optim.lr, raise optim.warmup_steps or use train.nan_policy=skip"
+                    )
 
             if log_now:
                 extra = task.telemetry(raw)  # the model's own, e.g. MoR routing
-                row = {"step": step, "loss": float(loss_mean), "lr": lr,
-                       "grad_norm": float(grad_norm), **meter.report(), **memory_gb(info), **extra}
+                row = {
+                    "step": step,
+                    "loss": float(loss_mean),
+                    "lr": lr,
+                    "grad_norm": float(grad_norm),
+                    **meter.report(),
+                    **memory_gb(info),
+                    **extra,
+                }
                 tracker.log(row)
-                bar.set_postfix_str(meter.postfix(row) + "".join(f" {k} {v:.3g}" for k, v in
-                                        extra.items()) + monitor.postfix(row), refresh=False)
+                bar.set_postfix_str(
+                    meter.postfix(row)
+                    + "".join(f" {k} {v:.3g}" for k, v in extra.items())
+                    + monitor.postfix(row),
+                    refresh=False,
+                )
                 if info.is_main and step > t.log_interval:  # the first window includes warm-up
-                    print_advice(live_advice.new(advise(signals_for_run(
-                        cfg, info.device, precision, info.world,
-                        {"data_wait": row["data_wait"], "num_workers": loading["num_workers"]}))),
-                        bar.write)
+                    print_advice(
+                        live_advice.new(
+                            advise(
+                                signals_for_run(
+                                    cfg,
+                                    info.device,
+                                    precision,
+                                    info.world,
+                                    {
+                                        "data_wait": row["data_wait"],
+                                        "num_workers": loading["num_workers"],
+                                    },
+                                )
+                            )
+                        ),
+                        bar.write,
+                    )
             bar.update(1)
 
             if eval_now:
@@ -263,21 +372,35 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
             if stopped:
                 break
     bar.close()
-    summary = {**meter.summary(step), "final_loss": float(loss_mean) if loss_mean is not None else None,
-               "final_val_loss": last_eval.get("val_loss"), "stopped": stopped, "out_dir": str(out),
-               # share of the run's time the system monitor cost (sampler CPU + bar line)
-               "monitor_overhead": monitor.cost_seconds / max(meter.elapsed(), 1e-9)}
-    summary["advice"] = advise(signals_for_run(cfg, info.device, precision, info.world, {
-        "data_wait": monitor.data_wait, "tokens_per_second": summary["tokens_per_second"],
-        "tokenize_tokens_per_second": prep_stats.get("tokens_per_second"),
-        "num_workers": loading["num_workers"]}))
+    summary = {
+        **meter.summary(step),
+        "final_loss": float(loss_mean) if loss_mean is not None else None,
+        "final_val_loss": last_eval.get("val_loss"),
+        "stopped": stopped,
+        "out_dir": str(out),
+        # share of the run's time the system monitor cost (sampler CPU + bar line)
+        "monitor_overhead": monitor.cost_seconds / max(meter.elapsed(), 1e-9),
+    }
+    summary["advice"] = advise(
+        signals_for_run(
+            cfg,
+            info.device,
+            precision,
+            info.world,
+            {
+                "data_wait": monitor.data_wait,
+                "tokens_per_second": summary["tokens_per_second"],
+                "tokenize_tokens_per_second": prep_stats.get("tokens_per_second"),
+                "num_workers": loading["num_workers"],
+            },
+        )
+    )
     if info.is_main:
         print_advice(summary["advice"])
     tracker.summary(summary)
     tracker.close()
     if info.is_main:
         print(f"stoker: {stopped or 'done'} — {meter.summary_line(summary)}", flush=True)
-    D.cleanup(info)
     return summary
 
 
@@ -286,8 +409,10 @@ def _early_stopping(task, t) -> tuple[str, str]:
     when it is off): `train.early_stopping_metric`, which must be one the task reports."""
     metric = t.early_stopping_metric or next(iter(task.metrics))
     if metric not in task.metrics:
-        raise StokerError(f"train.early_stopping_metric={metric} is not a metric of the "
-                          f"{task.name} recipe; use one of {', '.join(task.metrics)}")
+        raise StokerError(
+            f"train.early_stopping_metric={metric} is not a metric of the "
+            f"{task.name} recipe; use one of {', '.join(task.metrics)}"
+        )
     return metric, task.metrics[metric]
 
 
@@ -303,5 +428,14 @@ def train_command(args) -> int:
     """`stoker train RECIPE [--section.key=value ...]`"""
     from stoker.config import load_config
 
-    train(load_config(args.recipe, args.overrides))
+    overrides = list(args.overrides)
+    if getattr(args, "phase", None):
+        overrides.append(f"--dynamo.phases=[{','.join(map(str, sorted(set(args.phase))))}]")
+    cfg = load_config(args.recipe, overrides)
+    if getattr(args, "phase", None) and cfg.recipe != "dynamo":
+        raise StokerError(
+            f"--phase applies to multi-phase recipes (dynamo); {args.recipe} is "
+            f"a {cfg.recipe} recipe"
+        )
+    train(cfg)
     return 0
