@@ -31,6 +31,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "stoker.eval.perplexity:eval_command",
         "validation loss and perplexity of a run or checkpoint",
     ),
+    "predict": (
+        "stoker.tasks.dynamo.cli:predict_command",
+        "route raw text through a DYNAMO run: the chosen task, the gates, the output",
+    ),
     "import-hf": (
         "stoker.hf_dirs:import_hf_command",
         "Hugging Face directory -> stoker checkpoint",
@@ -88,10 +92,18 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
         default=None,
         help="number of batches, >= 1 (default: train.eval_steps of the run)",
     )
-    p.add_argument("--seq-len", type=int, default=None,
-                   help="tokens per sequence, >= 1 (default: the run's train.seq_len)")
-    p.add_argument("--batch-size", type=int, default=None,
-                   help="sequences per forward, >= 1 (default: the run's micro-batches)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per sequence, >= 1 (default: the run's train.seq_len)",
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="sequences per forward, >= 1 (default: the run's micro-batches)",
+    )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
@@ -142,10 +154,20 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
 def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
     if name in ("train", "prepare"):
         _add_recipe_args(p)
+    if name == "train":
+        p.add_argument("--phase", type=int, action="append", choices=[1, 2, 3],
+                       help="multi-phase recipes (dynamo): run only this phase (repeatable); "
+                       "the same as --dynamo.phases=[N,...]")  # fmt: skip
     elif name == "eval":
         _add_eval_arguments(p)
     elif name == "generate":
         _add_generate_arguments(p)
+    elif name == "predict":
+        p.add_argument("path", help="a DYNAMO run dir (its train.out_dir)")
+        p.add_argument("--text", required=True, help="the input (a question for QA)")
+        p.add_argument("--context", help="the passage a question is about (extractive QA)")
+        p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
+        p.add_argument("--json", action="store_true", help="print one JSON object")
     elif name == "import-hf":
         p.add_argument(
             "hf_dir",
@@ -153,13 +175,19 @@ def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
             "file (LLaMA family), or a PEFT LoRA adapter directory",
         )
         p.add_argument("out", help="checkpoint directory to create")
-        p.add_argument("--base", help="a PEFT adapter's base model (default: the one its "
-                       "adapter_config.json names)")
+        p.add_argument(
+            "--base",
+            help="a PEFT adapter's base model (default: the one its adapter_config.json names)",
+        )
     elif name == "export-hf":
         p.add_argument("path", help="run dir or checkpoint dir")
         p.add_argument("out", help="directory to write (transformers format)")
-        p.add_argument("--adapter", action="store_true", help="a LoRA run: write its adapter "
-                       "alone as a PEFT directory (default: the model with adapters merged)")
+        p.add_argument(
+            "--adapter",
+            action="store_true",
+            help="a LoRA run: write its adapter "
+            "alone as a PEFT directory (default: the model with adapters merged)",
+        )
     elif name in ("count", "plan"):
         from stoker.scaling.report import add_arguments
 
@@ -221,7 +249,7 @@ def _choose_cpu_math(args: argparse.Namespace) -> None:
 
     if args.command == "train":
         reproducibility.choose_for_recipe(args.recipe, args.overrides)
-    elif args.command in ("eval", "generate"):
+    elif args.command in ("eval", "generate", "predict"):
         reproducibility.choose_cpu_math(True)
 
 

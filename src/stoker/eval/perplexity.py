@@ -47,8 +47,9 @@ def evaluate_checkpoint(
     cfg = validate_config(read_meta(ckpt)["config"])
     if seq_len is not None:
         if seq_len > cfg.model.max_seq_len:
-            raise StokerError(f"--seq-len {seq_len} exceeds the model's max_seq_len="
-                              f"{cfg.model.max_seq_len}")
+            raise StokerError(
+                f"--seq-len {seq_len} exceeds the model's max_seq_len={cfg.model.max_seq_len}"
+            )
         cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"seq_len": seq_len})})
     data_dir = data_dir or cfg.data.dir
     if not Path(data_dir).is_dir():
@@ -81,9 +82,21 @@ def evaluate_checkpoint(
 
 
 def eval_command(args) -> int:
+    from stoker.tasks.dynamo.cli import eval_command as dynamo_eval
+    from stoker.tasks.dynamo.cli import run_config
+
+    if run_config(args.path) is not None:  # a DYNAMO run: its table of tasks × routings
+        return dynamo_eval(args)
     device = getattr(args, "device", "auto")
-    result = evaluate_checkpoint(args.path, args.data_dir, args.split, args.batches, device,
-                                 getattr(args, "seq_len", None), getattr(args, "batch_size", None))
+    result = evaluate_checkpoint(
+        args.path,
+        args.data_dir,
+        args.split,
+        args.batches,
+        device,
+        getattr(args, "seq_len", None),
+        getattr(args, "batch_size", None),
+    )
     if args.json:
         print(json.dumps(result))
     else:

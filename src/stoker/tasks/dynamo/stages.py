@@ -1,0 +1,135 @@
+"""DYNAMO's stages (train/stages.py): `phase1:<task>` for each task, then `phase2`, `phase3`, in
+`<train.out_dir>/phase1-<task>/`, `phase2/`, `phase3/`.
+
+A phase-1 stage's fingerprint covers what its adapter depends on: the encoder, tokenizer and
+LoRA settings, the list of tasks (names, kinds, labels: they fix the mixture's layout and the
+initial draw), this task's own section and data file, and the loop's settings; changing another
+task leaves it alone. Phase 2 covers every phase-1 fingerprint, every task and the router;
+phase 3 phase 2's too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from stoker.errors import StokerError
+from stoker.train.stages import Stage, fingerprint, read_marker
+
+_HASHES: dict[tuple, str] = {}
+
+
+def file_hash(path: Path) -> str:
+    from stoker.train.checkpoint import file_sha256
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        _HASHES[key] = file_sha256(path) if path.is_file() else _dir_hash(path)
+    return _HASHES[key]
+
+
+def _dir_hash(path: Path) -> str:
+    from stoker.train.checkpoint import file_sha256
+
+    files = sorted(p for p in path.rglob("*") if p.is_file())
+    return fingerprint([(str(p.relative_to(path)), file_sha256(p)) for p in files])
+
+
+def _common(cfg) -> dict[str, Any]:
+    """What every stage's result depends on."""
+    train = cfg.train.model_dump(mode="json")
+    for volatile in (
+        "out_dir",
+        "resume",
+        "log_interval",
+        "monitor_interval",
+        "device",
+        "save_interval",
+        "keep_last",
+        "max_steps",
+        "eval_interval",
+        "early_stopping_metric",
+        "early_stopping_patience",
+    ):  # the last four: set per phase
+        train.pop(volatile)
+    optim = cfg.optim.model_dump(mode="json")
+    optim.pop("lr")  # per phase
+    tasks = [(t.name, t.kind, t.n_labels) for t in cfg.dynamo.tasks]
+    return {"encoder": cfg.encoder.model_dump(mode="json"), "init_from": cfg.train.init_from,
+            "lora": cfg.lora.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
+            "tasks": tasks, "train": train, "optim": optim,
+            "pooling": cfg.dynamo.pooling}  # fmt: skip
+
+
+def _stage_cfg(cfg, stage: str, out: Path, phase) -> Any:
+    from stoker.config import validate_config
+
+    data = cfg.model_dump(mode="json")
+    metric = None
+    if stage.startswith("phase1:"):
+        task = cfg.dynamo.task(stage.split(":", 1)[1])
+        steps, metric = task.steps or phase.max_steps, task.main_metric
+    else:
+        steps = phase.max_steps
+        metric = "routing_accuracy" if stage == "phase2" else "macro"
+    data["train"] |= {
+        "out_dir": str(out / stage.replace(":", "-")),
+        "max_steps": steps,
+        "eval_interval": min(phase.eval_interval, steps),
+        "early_stopping_metric": metric if phase.early_stopping_patience else None,
+        "early_stopping_patience": phase.early_stopping_patience or 3,
+        "resume": "auto",
+    }
+    data["optim"]["lr"] = phase.lr
+    data["dynamo"]["stage"] = stage
+    return validate_config(data)
+
+
+def fingerprints(cfg) -> dict[str, str]:
+    """Every stage's fingerprint (whichever phases this run trains); the same from the
+    recipe's config and from any of its stages' configs."""
+    from stoker.tasks.dynamo.data import task_path
+
+    d, common, out = cfg.dynamo, _common(cfg), {}
+    for t in d.tasks:
+        path = task_path(cfg, t)
+        if not path.exists():
+            raise StokerError(f"dynamo task {t.name}: no data at {path}; build the offline set "
+                              f"with `python scripts/dynamo_data.py {cfg.data.dir}`")  # fmt: skip
+        out[f"phase1:{t.name}"] = fingerprint(common, t.model_dump(mode="json"),
+                                              file_hash(path), d.phase1.model_dump(mode="json"))  # fmt: skip
+    everything = [common, [t.model_dump(mode="json") for t in d.tasks],
+                  [out[f"phase1:{t.name}"] for t in d.tasks], d.router.model_dump(mode="json")]  # fmt: skip
+    out["phase2"] = fingerprint(everything, d.phase2.model_dump(mode="json"))
+    out["phase3"] = fingerprint(everything, out["phase2"], d.phase3.model_dump(mode="json"),
+                                d.generation.model_dump(mode="json"))  # fmt: skip
+    return out
+
+
+def plan(cfg) -> list[Stage]:
+    """The stages of `cfg.dynamo.phases`, in order."""
+    if cfg.train.resume not in ("auto", "never"):
+        raise StokerError("train.resume=PATH does not apply to a DYNAMO recipe (each phase "
+                          "resumes in its own directory); use auto, or never to retrain all")  # fmt: skip
+    d, root, fps = cfg.dynamo, Path(cfg.train.out_dir), fingerprints(cfg)
+    names = [f"phase1:{t.name}" for t in d.tasks] if 1 in d.phases else []
+    names += [f"phase{p}" for p in d.phases if p != 1]
+    phase = {1: d.phase1, 2: d.phase2, 3: d.phase3}
+    stages = [Stage(n, _stage_cfg(cfg, n, root, phase[int(n[5])]), fps[n]) for n in names]
+    for s in stages:
+        s.fresh = cfg.train.resume == "never"
+    return stages
+
+
+def finished_checkpoint(stage_dir: Path, expected: str | None = None) -> Path | None:
+    """The newest intact checkpoint of a stage that finished (with fingerprint `expected`,
+    if given), else None."""
+    from stoker.train.checkpoint import latest_intact
+
+    marker = read_marker(stage_dir)
+    if not marker or not marker.get("done"):
+        return None
+    if expected is not None and marker.get("fingerprint") != expected:
+        return None
+    return latest_intact(stage_dir)
