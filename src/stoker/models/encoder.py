@@ -54,21 +54,36 @@ class BertEmbeddings(nn.Module):
         T = input_ids.shape[1]
         return torch.arange(T, device=input_ids.device)[None]  # (1, T)
 
+    def position_of(self, index: torch.Tensor) -> torch.Tensor:
+        """The position id of the real token at `index` (0-based) of an unpadded row."""
+        return index
+
     def forward(
-        self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """`position_ids` (B, T): given when `input_ids` continue cached tokens (decoding)."""
         B, T = input_ids.shape
         limit = self.config.max_tokens
-        if limit < T:
+        if position_ids is None and limit < T:
             raise ValueError(
                 f"{T} tokens exceed the {limit} positions of this encoder "
                 f"(max_seq_len={self.config.max_seq_len}); truncate the input"
+            )
+        if position_ids is None:
+            position_ids = self.position_ids(input_ids)
+        elif int(position_ids.max()) >= self.config.max_seq_len:
+            raise ValueError(
+                f"position {int(position_ids.max())} is beyond the {limit} positions of this "
+                f"encoder (max_seq_len={self.config.max_seq_len}); generate fewer tokens"
             )
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)  # (B, T)
         x = self.word_embeddings(input_ids)  # (B, T, C)
         x = x + self.token_type_embeddings(token_type_ids)  # (B, T, C)
-        x = x + self.position_embeddings(self.position_ids(input_ids))  # (B, T, C)
+        x = x + self.position_embeddings(position_ids)  # (B, T, C)
         return self.dropout(self.LayerNorm(x))
 
 
@@ -79,6 +94,9 @@ class RobertaEmbeddings(BertEmbeddings):
     @property
     def position_pad(self) -> int | None:
         return self.config.pad_token_id
+
+    def position_of(self, index: torch.Tensor) -> torch.Tensor:
+        return index + self.config.pad_token_id + 1
 
     def position_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T), HF's `create_position_ids_from_input_ids`."""
@@ -99,13 +117,21 @@ class SelfAttention(nn.Module):
         self.v_proj = nn.Linear(C, C)
         self.o_proj = nn.Linear(C, C)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """`mask` (B, 1, 1, T) or (B, 1, T, T), True = a key that may be attended to."""
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: list | None = None
+    ) -> torch.Tensor:
+        """`mask` (B, 1, 1, L) or (B, 1, T, L), True = a key that may be attended to; L = T,
+        or with `cache` (this layer's [k, v], empty at first) the cached keys + T: the new
+        keys and values are appended to it (incremental decoding)."""
         B, T, C = x.shape
         H, D = self.n_head, self.head_dim
         q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         k = self.k_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
         v = self.v_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        if cache is not None:
+            if cache:
+                k, v = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)  # (B, H, L, D)
+            cache[:] = [k, v]
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, C)  # (B, T, H·D)
@@ -136,8 +162,10 @@ class EncoderLayer(nn.Module):
         self.post_mlp_layernorm = nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.post_attention_layernorm(x + self.dropout(self.self_attn(x, mask)))
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | None = None, cache: list | None = None
+    ) -> torch.Tensor:
+        x = self.post_attention_layernorm(x + self.dropout(self.self_attn(x, mask, cache)))
         return self.post_mlp_layernorm(x + self.dropout(self.mlp(x)))
 
 
@@ -173,22 +201,31 @@ class Encoder(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: list[list] | None = None,
     ) -> torch.Tensor:
         """`attention_mask` (B, T): 1 = a real token every position may attend to. Or
-        `attn_mask` (B, T, T) bool, True where query i may attend to key j (e.g. a
-        sequence-to-sequence mask); give one of the two, or neither (full attention)."""
+        `attn_mask` (B, T, L) bool, True where query i may attend to key j (e.g. a
+        sequence-to-sequence mask); give one of the two, or neither (full attention).
+        Incremental decoding: `cache` from `new_cache()` keeps every layer's keys and values
+        (L = the cached tokens + T), `position_ids` (B, T) place the new tokens; exact where
+        no earlier position may attend to a later one (a causal or UniLM mask)."""
         B, T = input_ids.shape
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, C)
+        x = self.embeddings(input_ids, token_type_ids, position_ids)  # (B, T, C)
         mask = None  # no host sync on the mask's contents: it goes to SDPA as given
         if attn_mask is not None:
             if attention_mask is not None:
                 raise ValueError("give attention_mask (B, T) or attn_mask (B, T, T), not both")
-            mask = attn_mask.bool().view(B, 1, T, T)  # (B, 1, T, T): queries × keys per row
+            mask = attn_mask.bool().view(B, 1, T, -1)  # (B, 1, T, L): queries × keys per row
         elif attention_mask is not None:
             mask = attention_mask.bool().view(B, 1, 1, T)  # (B, 1, 1, T): keys per batch row
-        for layer in self.layers:
-            x = layer(x, mask)  # (B, T, C)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, mask, None if cache is None else cache[i])  # (B, T, C)
         return x
+
+    def new_cache(self) -> list[list]:
+        """An empty key/value cache for `forward(..., cache=)`: one [k, v] per layer."""
+        return [[] for _ in self.layers]
 
     def pool(self, hidden: torch.Tensor) -> torch.Tensor:
         """The pooler output (B, C) of last hidden states (B, T, C)."""

@@ -27,6 +27,7 @@ from stoker.models.encoder import EncoderConfig, build_encoder
 from stoker.tasks.dynamo.seq2seq import (
     CODE_TOKENS,
     IGNORE,
+    _prefixes,
     beam_search,
     code_to_text,
     collate_seq2seq,
@@ -223,6 +224,37 @@ def test_greedy_generate_equals_stepwise_argmax_of_the_full_forward(tok):
     assert all(tok.sep_id not in g for g in got)
     found = beam_search(fn, tok, SOURCES, 16, 8, num_beams=1)
     assert [t for t, _ in found] == got
+
+
+@pytest.mark.parametrize("arch", ["bert", "roberta"])
+def test_cached_greedy_equals_recomputing_greedy(tok, arch):
+    """The key/value cache gives the full forward's tokens and logits (positions included)."""
+    torch.manual_seed(0)
+    cfg = EncoderConfig(arch=arch, n_layer=2, d_model=32, n_head=4, vocab_size=tok.vocab_size,
+                        max_seq_len=128, init_std=0.2, pad_token_id=tok.pad_id)  # fmt: skip
+    model = build_encoder(cfg).eval()
+    fn = lm_logits(model, tok.sep_id, sep_bias=4.0)
+    cache, seen = model.new_cache(), []
+
+    def step_fn(ids, types, positions, mask, read):
+        h = model(ids, token_type_ids=types, attn_mask=mask, position_ids=positions, cache=cache)
+        logits = h[torch.arange(len(ids)), read] @ model.embeddings.word_embeddings.weight.T
+        logits[:, tok.sep_id] += 4.0
+        seen.append(logits)
+        return logits
+
+    want = generate(fn, tok, SOURCES, max_source=16, max_new_tokens=8)
+    got = generate(fn, tok, SOURCES, max_source=16, max_new_tokens=8,
+                   cached=(step_fn, model.embeddings.position_of))  # fmt: skip
+    assert got == want and max(map(len, got)) >= 4
+    # the last decode step's logits of the longest row (it read n targets), vs a full forward
+    r, n = max(range(len(got)), key=lambda i: len(got[i])), len(seen) - 1
+    prefix = _prefixes(tok, [SOURCES[r]], 16)[0]
+    ids = torch.tensor([prefix + got[r][:n]])
+    types = torch.tensor([[0] * len(prefix) + [1] * n])
+    mask = seq2seq_mask(torch.tensor([len(prefix)]), torch.tensor([ids.shape[1]]), ids.shape[1])
+    full = fn(ids, types, mask, torch.tensor([0]))[0, -1]
+    torch.testing.assert_close(seen[-1][r], full, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(("seed", "sep_bias"), [(0, 3.5), (1, 4.3), (2, 3.0), (3, 0.0)])

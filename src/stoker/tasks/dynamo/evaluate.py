@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from stoker.models.dynamo import DynamoModel
+from stoker.models.lora_mixture import use_gates
 from stoker.tasks.dynamo.batches import eval_batches, to_device
 
 MODES = ("oracle", "soft", "top1", "uniform", "merged", "random", "zero")
@@ -110,12 +111,22 @@ def generate_texts(m: DynamoModel, task, k: int, records: list[dict], mode: str)
         logits = head(hidden[torch.arange(len(ids), device=ids.device), last])  # (N, V)
         return logits[:, None].expand(-1, ids.shape[1], -1)  # (N, T, V) view
 
+    cache = m.encoder.new_cache()
+
+    def step_fn(ids, types, positions, mask, read):
+        """Logits (N, V) at `read` of the new tokens, all rows, through the cache."""
+        with use_gates(m.encoder, gates):
+            hidden = m.encoder(ids, token_type_ids=types, attn_mask=mask,
+                               position_ids=positions, cache=cache)  # fmt: skip
+        return head(hidden[torch.arange(len(ids), device=ids.device), read])  # (N, V)
+
     text = code_to_text if t.code else (lambda s: s)
     g = cfg.dynamo.generation
     target_type = 1 if cfg.encoder.type_vocab_size > 1 else 0
     out = generate(logits_fn, task.tokenizer, [text(r["source"]) for r in records],
                    t.max_source, min(g.max_new_tokens, t.max_target), g.num_beams,
-                   target_type, g.length_penalty, device)  # fmt: skip
+                   target_type, g.length_penalty, device,
+                   cached=(step_fn, m.encoder.embeddings.position_of))  # fmt: skip
     decoded = [
         task.tokenizer.decode(ids) for ids in out
     ]  # code tokens are kept (added, not special)

@@ -15,8 +15,11 @@ bidirectional mask of classification/QA rows that share a batch with seq2seq row
 always see the source, so `F.scaled_dot_product_attention` never gets an all-masked row (NaN).
 
 Generation (`generate`: greedy, or beam search ranking finished hypotheses by summed log-prob
-/ length**length_penalty, as `transformers` does) recomputes the whole sequence each step, with no KV cache: under the mask an earlier
-position's output never depends on later tokens, so this is exact, and the sequences are short.
+/ length**length_penalty, as `transformers` does). Under the mask an earlier position's output
+never depends on later tokens, so recomputing the whole sequence each step is exact, and so is
+a key/value cache: `cached_greedy_search` encodes each `[CLS] source [SEP]` once and then feeds
+one token per row per step (what `generate` uses for greedy when given a `step_fn`; beam search
+recomputes).
 
 Code through an uncased WordPiece vocabulary that has no newline or indent tokens
 (`code_to_text` / `text_to_code`): newlines and leading indentation levels become three of
@@ -46,6 +49,12 @@ CODE_TOKENS = (NEWLINE, INDENT, SPACE)
 
 # logits_fn(input_ids (N, T), token_type_ids (N, T), mask (N, T, T), rows (N,)) -> (N, T, V)
 LogitsFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# step_fn(input_ids (N, t), token_type_ids (N, t), position_ids (N, t) or None, mask (N, t, L),
+#         read (N,)) -> (N, V): the logits at position read[n] of the t new tokens, whose keys
+#         and values the callee appends to its cache (L = cached tokens + t)
+StepFn = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor], torch.Tensor
+]
 
 
 # ----------------------------------------------------------------------------------- masks
@@ -191,6 +200,49 @@ def greedy_search(
     return out
 
 
+@torch.no_grad()
+def cached_greedy_search(
+    step_fn: StepFn,
+    position_of: Callable[[torch.Tensor], torch.Tensor],
+    tokenizer: Any,
+    sources: list[str],
+    max_source: int,
+    max_new_tokens: int,
+    target_type: int = 1,
+    device: str | torch.device = "cpu",
+) -> list[list[int]]:
+    """`greedy_search`'s tokens with a key/value cache (module docstring): the prefixes in
+    one forward, then one token per row per step; `position_of(index)` is the encoder's
+    position id of a row's index-th token. A finished row keeps decoding, unread."""
+    _check_generate(max_new_tokens, 1)
+    prefixes = _prefixes(tokenizer, sources, max_source)
+    feats = [{"input_ids": p, "token_type_ids": [0] * len(p), "source_len": len(p),
+              "length": len(p)} for p in prefixes]  # fmt: skip
+    batch = collate_seq2seq(feats, tokenizer.pad_id)
+    ids, types, mask = (batch[k].to(device) for k in ("input_ids", "token_type_ids", "mask"))
+    s = batch["source_len"].to(device)  # (N,)
+    N, S = ids.shape
+    logits = step_fn(ids, types, None, mask, s - 1)  # (N, V): what follows each [SEP]
+    source_keys = torch.arange(S, device=device)[None] < s[:, None]  # (N, S)
+    out: list[list[int]] = [[] for _ in sources]
+    done = [False] * N
+    for t in range(max_new_tokens):
+        token = logits.float().argmax(-1)  # (N,)
+        for r, tk in enumerate(token.tolist()):
+            if not done[r]:
+                done[r] = tk == tokenizer.sep_id
+                if not done[r]:
+                    out[r].append(tk)
+        if all(done) or t == max_new_tokens - 1:
+            break
+        targets = torch.ones(N, t + 1, dtype=torch.bool, device=device)  # its own targets
+        keys = torch.cat([source_keys, targets], 1)[:, None]  # (N, 1, S + t + 1)
+        types = torch.full((N, 1), target_type, dtype=torch.long, device=device)
+        logits = step_fn(token[:, None], types, position_of(s + t)[:, None], keys,
+                         torch.zeros(N, dtype=torch.long, device=device))  # fmt: skip
+    return out
+
+
 def _advance(
     alive: list[tuple[float, list[int]]],
     logprobs: torch.Tensor,
@@ -276,11 +328,15 @@ def generate(
     target_type: int = 1,
     length_penalty: float = 1.0,
     device: str | torch.device = "cpu",
+    cached: tuple[StepFn, Callable[[torch.Tensor], torch.Tensor]] | None = None,
 ) -> list[list[int]]:
     """Generated target token ids per source, without the final [SEP]: greedy for
     `num_beams=1`, else beam search. `logits_fn(input_ids, token_type_ids, mask, rows)` gives
     (N, T, V) logits; `rows[n]` is the source that decode row n belongs to. Inputs are built
-    on `device`."""
+    on `device`. `cached` = (step_fn, position_of): greedy decodes with a key/value cache."""
+    if num_beams == 1 and cached is not None:
+        return cached_greedy_search(cached[0], cached[1], tokenizer, sources, max_source,
+                                    max_new_tokens, target_type, device)  # fmt: skip
     if num_beams == 1:
         return greedy_search(logits_fn, tokenizer, sources, max_source, max_new_tokens,
                              target_type, device)  # fmt: skip
