@@ -155,6 +155,12 @@ def import_hf_command(args) -> int:
 
 def export_hf_command(args) -> int:
     """`stoker export-hf RUN_OR_CKPT OUT_DIR [--adapter]`."""
+    from stoker.tasks.dynamo.cli import run_config
+
+    if run_config(args.path) is not None:  # a DYNAMO run: encoder + a PEFT adapter per task
+        from stoker.tasks.dynamo.export import export_command
+
+        return export_command(args)
     out = export_hf(args.path, args.out, getattr(args, "adapter", False))
     if getattr(args, "adapter", False):
         base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
