@@ -29,18 +29,16 @@ def run_config(path: str | Path):
     return cfg if cfg.dynamo.stage is None else None
 
 
-def open_run(path: str | Path, device: str = "auto", split: str = "test", phase: int | None = None):
-    """(model, task) of a DYNAMO run: the model of its last finished phase (or `phase`) and a
-    task whose held-out data is `split` (test: the records no phase ever evaluated on)."""
+def trained_model(path: str | Path, device: torch.device, phase: int | None = None):
+    """(model, stage config, phase) of a DYNAMO run's last finished phase (3, else 2), or of
+    `phase`; a one-line error when the run has none with its current config and data."""
     from stoker.tasks.dynamo import data as dd
     from stoker.tasks.dynamo.stages import fingerprints, finished_checkpoint
     from stoker.tasks.dynamo.task import DynamoTask
-    from stoker.train.distributed import DistInfo, pick_device
 
     cfg = run_config(path)
     if cfg is None:
         raise StokerError(f"{path} is not a DYNAMO run (no config.yaml with recipe: dynamo)")
-    dev = pick_device(device, "--device")
     fps = fingerprints(cfg)
     for p in (phase,) if phase else (3, 2):
         ckpt = finished_checkpoint(dd.stage_dir(cfg, f"phase{p}"), fps[f"phase{p}"])
@@ -53,7 +51,18 @@ def open_run(path: str | Path, device: str = "auto", split: str = "test", phase:
         "dynamo": cfg.dynamo.model_copy(update={"stage": f"phase{p}"}),
         "train": cfg.train.model_copy(update={"out_dir": str(dd.stage_dir(cfg, f"phase{p}"))}),
     })  # fmt: skip
-    model = DynamoTask.load_trained(stage_cfg, ckpt, dev)
+    return DynamoTask.load_trained(stage_cfg, ckpt, device), stage_cfg, p
+
+
+def open_run(path: str | Path, device: str = "auto", split: str = "test", phase: int | None = None):
+    """(model, task) of a DYNAMO run: the model of its last finished phase (or `phase`) and a
+    task whose held-out data is `split` (test: the records no phase ever evaluated on)."""
+    from stoker.tasks.dynamo import data as dd
+    from stoker.tasks.dynamo.task import DynamoTask
+    from stoker.train.distributed import DistInfo, pick_device
+
+    dev = pick_device(device, "--device")
+    model, stage_cfg, _ = trained_model(path, dev, phase)
     task = DynamoTask(stage_cfg, DistInfo(device=dev))
     for k in task.task_indices:
         task.val[k] = dd.load_task(stage_cfg, k, task.tokenizer, split)

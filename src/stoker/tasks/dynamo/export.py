@@ -378,27 +378,10 @@ def load_dynamo_export(out: str | Path, device: str | torch.device = "cpu") -> D
 # ------------------------------------------------------------------------------------- run
 def final_model(path: str | Path) -> tuple[DynamoModel, int]:
     """(model, phase) of a DYNAMO run's last finished phase, 3 else 2, on the CPU."""
-    from stoker.tasks.dynamo import data as dd
-    from stoker.tasks.dynamo.cli import run_config
-    from stoker.tasks.dynamo.stages import fingerprints, finished_checkpoint
-    from stoker.tasks.dynamo.task import DynamoTask
+    from stoker.tasks.dynamo.cli import trained_model
 
-    cfg = run_config(path)
-    if cfg is None:
-        raise StokerError(f"{path} is not a DYNAMO run (no config.yaml with recipe: dynamo)")
-    fps = fingerprints(cfg)
-    for p in (3, 2):
-        ckpt = finished_checkpoint(dd.stage_dir(cfg, f"phase{p}"), fps[f"phase{p}"])
-        if ckpt is not None:
-            break
-    else:
-        raise StokerError(f"{path} has no finished phase 2 or 3 (with this config and data); "
-                          "train it first: stoker train RECIPE")  # fmt: skip
-    stage_cfg = cfg.model_copy(update={
-        "dynamo": cfg.dynamo.model_copy(update={"stage": f"phase{p}"}),
-        "train": cfg.train.model_copy(update={"out_dir": str(dd.stage_dir(cfg, f"phase{p}"))}),
-    })  # fmt: skip
-    return DynamoTask.load_trained(stage_cfg, ckpt, torch.device("cpu")), p
+    model, _, phase = trained_model(path, torch.device("cpu"))
+    return model, phase
 
 
 def export_command(args) -> int:
