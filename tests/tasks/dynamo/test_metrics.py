@@ -47,6 +47,24 @@ def test_bleu_exact_match_parse_rate_accuracy():
     assert M.bleu_score(["completely different words"], ["the cat sat on the mat"]) < 1
     assert M.exact_match(["a b", " c"], ["a b", "d"]) == 50.0
     assert M.parse_rate(["def f():\n    return 1\n", "def (:", "", "x = 1"]) == 50.0
+
+
+def test_parse_rate_with_prompts_counts_only_bodies_of_the_prompts_function():
+    prompt = 'import os\n\ndef f(x):\n    """Double x."""\n'
+    bodies = {
+        "    return 2 * x\n": True,
+        "    y = x\n    return y + x": True,  # no final newline
+        "": False,  # the docstring alone is a complete body: an empty output must not count
+        "\n\n": False,
+        "foo": False,  # valid Python, but a module-level statement, not the function's body
+        "    return (\n": False,
+        "    return x\nprint(1)\n": False,  # runs out of the function
+    }
+    for body, ok in bodies.items():
+        assert M.completes(prompt, body) is ok, body
+    assert M.parse_rate(list(bodies), [prompt] * len(bodies)) == pytest.approx(200 / 7)
+    assert M.completes("def g():", "    pass")  # a prompt without its newline
+    assert not M.completes("def (:", "    pass")
     assert M.accuracy([1, 0, 1, 1], [1, 1, 1, 0]) == 50.0
     with pytest.raises(ValueError, match="2 predictions but 1 references"):
         M.exact_match(["a", "b"], ["a"])

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from stoker.tasks.dynamo import metrics as M
 from stoker.errors import StokerError
 from stoker.tasks.dynamo.sources import (
     cap,
@@ -75,6 +76,21 @@ def test_qa_templates_on_a_known_article():
     assert wiki_qa([dict(article, extract="No template fits here")]) == []
 
 
+@pytest.mark.parametrize("extract, question, answer", [
+    ("Paraguay is a country. Its capital is Asunción. It dates from 1537.",
+     "What is the capital of Paraguay?", "Asunción"),  # the full stop ends a name
+    ("Missouri is a state. Its capital is St. Louis de Gonzaga.",
+     "What is the capital of Missouri?", "St. Louis de Gonzaga"),
+    ("The Hobbit is a novel written by J. R. R. Tolkien. It was a success.",
+     "Who wrote The Hobbit?", "J. R. R. Tolkien"),
+])  # fmt: skip
+def test_qa_names_end_where_the_name_ends(extract, question, answer):
+    title = extract.split(" is ")[0]
+    by_question = {r["question"]: [a["text"] for a in r["answers"]]
+                   for r in wiki_qa([{"title": title, "extract": extract}])}  # fmt: skip
+    assert by_question[question] == [answer], by_question
+
+
 def test_qa_real_holds_allennlp_squad_fixture(dynamo_data):
     recs = records(dynamo_data, "qa_real")
     assert len(recs) >= 20 and sum(r["origin"] == "squad" for r in recs) == 5
@@ -118,6 +134,9 @@ def test_code_targets_parse_as_bodies_of_their_def_line(dynamo_data):
         ast.parse(def_line + "\n" + r["target"])
     for r in humaneval:
         ast.parse(r["source"] + r["target"])
+    # the evaluation's parse rate scores every reference 100 and its empty output 0
+    assert M.parse_rate([r["target"] for r in recs], [r["source"] for r in recs]) == 100.0
+    assert M.parse_rate([""] * len(recs), [r["source"] for r in recs]) == 0.0
     assert {"test", "entry_point"} <= humaneval[0].keys()
 
 

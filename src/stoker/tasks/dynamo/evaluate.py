@@ -83,7 +83,7 @@ def task_scores(m: DynamoModel, task, k: int, mode: str) -> dict[str, float]:
     scores = M.rouge_scores(texts, refs) | {"bleu": M.bleu_score(texts, refs),
                                             "exact_match": M.exact_match(texts, refs)}  # fmt: skip
     if t.code or t.main_metric == "parse_rate":
-        scores["parse_rate"] = M.parse_rate(texts)
+        scores["parse_rate"] = M.parse_rate(texts, [r["source"] for r in data.eval_records])
     return scores
 
 

@@ -9,7 +9,11 @@
   its Porter stemmer, averaged over examples.
 - `bleu_score`: corpus sacreBLEU (Post 2018) with its default 13a tokenizer, one reference.
 - `exact_match`: % of outputs equal to their reference after stripping outer whitespace.
-- `parse_rate`: % of outputs Python's `ast.parse` accepts (generated code).
+- `parse_rate`: % of outputs Python's `ast.parse` accepts (generated code). With the prompts
+  (a def line and docstring each), an output counts only as the body of its prompt's function:
+  prompt + output must parse, with the function getting at least one statement beyond its
+  docstring and nothing left after it at module level. (Alone, a docstring is a complete body
+  and most stray words are valid expressions, so the plain rate rewards an untrained model.)
 
 `normalized(metric, value)` maps a metric to 0..1 for phase 3's macro average.
 """
@@ -114,19 +118,41 @@ def exact_match(preds: Sequence[str], refs: Sequence[str]) -> float:
     )
 
 
-def parses(code: str) -> bool:
+def _module(code: str) -> ast.Module | None:
     with warnings.catch_warnings():  # invalid escapes in generated code warn, not fail
         warnings.simplefilter("ignore")
         try:
-            ast.parse(code)
+            return ast.parse(code)
         except (SyntaxError, ValueError, MemoryError, RecursionError):
-            return False
-    return True
+            return None
 
 
-def parse_rate(texts: Sequence[str]) -> float:
-    """% of `texts` that are valid Python (an empty output counts as not parsed)."""
-    return 100.0 * sum(bool(t.strip()) and parses(t) for t in texts) / max(len(texts), 1)
+def parses(code: str) -> bool:
+    return _module(code) is not None
+
+
+def completes(prompt: str, body: str) -> bool:
+    """Whether `body` is a non-empty body of the function `prompt` (its def line, docstring
+    and anything before it) ends with: prompt + body parses, its last top-level statement is
+    that function, and the function has a statement on a line of `body`."""
+    prompt = prompt if prompt.endswith("\n") else prompt + "\n"
+    n = prompt.count("\n")  # lines 1..n are the prompt's
+    whole = _module(prompt + body) if body.strip() else None
+    if whole is None or not whole.body:
+        return False
+    last = whole.body[-1]
+    return (isinstance(last, (ast.FunctionDef, ast.AsyncFunctionDef)) and last.lineno <= n
+            and any(stmt.lineno > n for stmt in last.body))  # fmt: skip
+
+
+def parse_rate(texts: Sequence[str], prompts: Sequence[str] | None = None) -> float:
+    """% of `texts` that are valid Python (an empty output counts as not parsed), or with
+    `prompts`, that complete their prompt's function (`completes`)."""
+    if prompts is None:
+        ok = [bool(t.strip()) and parses(t) for t in texts]
+    else:
+        ok = [completes(p, t) for p, t in zip(prompts, texts, strict=True)]
+    return 100.0 * sum(ok) / max(len(texts), 1)
 
 
 def normalized(metric: str, value: float) -> float:

@@ -115,7 +115,9 @@ _STOP = (
 )
 _DEF = re.compile(r"\s(is|was|are|were)\s+(?:(?:a|an|the)\s+)?(?P<np>[^,;:()\"]+?)" + _STOP)
 _PREPS = {"of", "in", "among", "between", "with", "for", "from", "on", "at", "by", "to"}
-_NAME = r"(?:[A-Z][\w'’.-]*|de|da|van|von|der|del|la|le)"
+# a capitalised word (inner dots: "U.S"), an initial or "St." ("J. R. R. Tolkien", "St. Louis"),
+# or a lower-case particle as a whole word; a sentence's full stop ends the name
+_NAME = r"(?:[A-Z]\.|(?:St|Mt|Ft)\.|[A-Z][\w'’-]*(?:\.[A-Z][\w'’-]*)*|(?:de|da|van|von|der|del|la|le)\b)"
 _PERSON = rf"(?P<who>{_NAME}(?:\s{_NAME})*)"
 _BY = re.compile(
     r"\b(directed|written|founded|developed|invented|discovered|designed|painted|composed"
