@@ -46,6 +46,9 @@ class DynamoTaskConfig(Section):
     doc_stride: PositiveInt = 32  # qa: overlap of the windows of long contexts
     max_answer_length: PositiveInt = 30  # qa: tokens
     steps: PositiveInt | None = None  # phase 1 steps of this task (None: dynamo.phase1.max_steps)
+    # held-out files (same format as `file`), every record scored as an extra row of
+    # `stoker eval` (e.g. qa_real.jsonl: real SQuAD-style examples beside the templated ones)
+    extra_eval: list[str] = []
     source_lang: str | None = None  # translation format: the keys of WMT's `translation`
     target_lang: str | None = None
 

@@ -107,6 +107,23 @@ def test_rerun_skips_every_finished_phase(run, capsys):
     assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
 
 
+def test_a_pretrained_encoders_stages_agree_on_their_fingerprints(dynamo_data, tmp_path):
+    """With `train.init_from`, each stage's task reads the `encoder` section from the
+    checkpoint; the fingerprints it checks earlier stages by must be those they were saved
+    with (the recipe's, planned before that), or phase 2 refuses a fresh phase 1."""
+    from stoker.config_load import load_config
+    from stoker.tasks.dynamo.data import resolve_encoder
+    from stoker.tasks.dynamo.stages import fingerprints, plan
+
+    cfg = load_config(ROOT / "recipes" / "dynamo" / "minilm.yaml",
+                      [f"--data.dir={dynamo_data}", f"--train.out_dir={tmp_path}"])  # fmt: skip
+    assert resolve_encoder(cfg).encoder != cfg.encoder  # the case this guards
+    planned = fingerprints(cfg)
+    for stage in plan(cfg):
+        assert stage.fingerprint == planned[stage.name]
+        assert fingerprints(resolve_encoder(stage.cfg)) == planned, stage.name
+
+
 def test_changing_one_task_retrains_that_task_and_the_later_phases_only(run, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(run["out"], out)
@@ -162,8 +179,15 @@ def test_eval_prints_every_task_under_every_routing(run, capsys):
         assert result["metric"][name] in modes["oracle"]
     assert 0 <= result["routing_accuracy"] <= 100
     assert sum(map(sum, result["confusion"])) == 5 * 8
+    # qa's extra_eval file: every one of its real SQuAD-style records, scored apart
+    real = result["extra"]["qa/qa_real"]
+    lines = (run["data"] / "qa_real.jsonl").read_text().splitlines()
+    assert real["records"] == len(lines) >= 20
+    assert result["metric"]["qa/qa_real"] == "f1" and 0 <= real["oracle"]["f1"] <= 100
     assert main(["eval", str(run["out"])]) == 0
-    assert "routing accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "routing accuracy" in printed
+    assert f"({len(lines)} records)" in printed.splitlines()[1 + len(NAMES)]
 
 
 def test_predict_routes_raw_text(run, capsys):

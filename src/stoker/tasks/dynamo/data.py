@@ -198,6 +198,14 @@ def load_task(cfg, k: int, tokenizer, split: str = "val") -> TaskData:
     return TaskData(k, t.kind, train, held, features(cfg, k, tokenizer, held))
 
 
+def load_extra(cfg, k: int, tokenizer, file: str) -> TaskData:
+    """Task k's evaluation on every record of `file` (one of its `extra_eval` files, read
+    like its `file`), with no training features."""
+    t = cfg.dynamo.tasks[k]
+    held = read_records(cfg, t.model_copy(update={"file": file}))
+    return TaskData(k, t.kind, [], held, features(cfg, k, tokenizer, held))
+
+
 # -------------------------------------------------------------------------------- model
 def build_dynamo(cfg) -> DynamoModel:
     """The network of `cfg`: the same weights every time (encoder loaded, or drawn from

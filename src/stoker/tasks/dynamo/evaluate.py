@@ -13,6 +13,7 @@ Routing modes (gates (B, K) for every adapted layer):
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -172,11 +173,22 @@ def routing_report(m: DynamoModel, task) -> dict[str, Any]:
 def evaluation_table(m: DynamoModel, task, modes=MODES) -> dict[str, Any]:
     """Every task's main metric under every routing mode, routing, adapter sizes, latency."""
     from stoker.models.lora_mixture import mixture_layers
+    from stoker.tasks.dynamo import data as dd
 
     tasks = task.cfg.dynamo.tasks
-    rows = {}
+    rows, extra, metric = {}, {}, {t.name: t.main_metric for t in tasks}
     for k in task.task_indices:
         rows[tasks[k].name] = {mode: task_scores(m, task, k, mode) for mode in modes}
+        held = task.val[k]
+        for file in tasks[k].extra_eval:  # the same model on another held-out set
+            name = f"{tasks[k].name}/{Path(file).stem}"
+            task.val[k] = dd.load_extra(task.cfg, k, task.tokenizer, file)
+            try:
+                extra[name] = {mode: task_scores(m, task, k, mode) for mode in modes}
+                extra[name]["records"] = len(task.val[k].eval_records)
+            finally:
+                task.val[k] = held
+            metric[name] = tasks[k].main_metric
     per_adapter = sum(
         r * (layer.in_features + layer.out_features)
         for layer in mixture_layers(m).values()
@@ -189,17 +201,20 @@ def evaluation_table(m: DynamoModel, task, modes=MODES) -> dict[str, Any]:
         m(b, tau=task.cfg.dynamo.router.tau_end)
         n += 1
     latency = (time.perf_counter() - t0) / max(n, 1)
-    return {"tasks": rows, **routing_report(m, task), "params_per_adapter": per_adapter,
-            "latency_s": latency, "metric": {t.name: t.main_metric for t in tasks}}  # fmt: skip
+    return {"tasks": rows, "extra": extra, **routing_report(m, task),
+            "params_per_adapter": per_adapter, "latency_s": latency, "metric": metric}  # fmt: skip
 
 
 def print_table(result: dict[str, Any], modes=MODES) -> None:
     names = list(result["tasks"])
-    print(f"{'task':14}{'metric':12}" + "".join(f"{m:>9}" for m in modes))
-    for name in names:
+    rows = result["tasks"] | result.get("extra", {})
+    width = max(14, *(len(n) + 2 for n in rows))
+    print(f"{'task':{width}}{'metric':12}" + "".join(f"{m:>9}" for m in modes))
+    for name, row in rows.items():
         metric = result["metric"][name]
-        cells = "".join(f"{result['tasks'][name][m][metric]:>9.1f}" for m in modes)
-        print(f"{name:14}{metric:12}{cells}")
+        cells = "".join(f"{row[m][metric]:>9.1f}" for m in modes)
+        n = f"  ({row['records']} records)" if "records" in row else ""
+        print(f"{name:{width}}{metric:12}{cells}{n}")
     print(f"routing accuracy {result['routing_accuracy']:.1f}% (chance {100 / len(names):.0f}%),"
           f" gate entropy {result['gate_entropy']:.3f} nats")  # fmt: skip
     print("confusion (rows: true task, columns: chosen adapter):")

@@ -86,20 +86,26 @@ def _stage_cfg(cfg, stage: str, out: Path, phase) -> Any:
     return validate_config(data)
 
 
+def _task(t) -> dict[str, Any]:
+    return t.model_dump(mode="json", exclude={"extra_eval"})  # evaluation only
+
+
 def fingerprints(cfg) -> dict[str, str]:
     """Every stage's fingerprint (whichever phases this run trains); the same from the
-    recipe's config and from any of its stages' configs."""
-    from stoker.tasks.dynamo.data import task_path
+    recipe's config and from any of its stages' configs, whether or not its `encoder`
+    section has been read from `train.init_from` yet."""
+    from stoker.tasks.dynamo.data import resolve_encoder, task_path
 
+    cfg = resolve_encoder(cfg)
     d, common, out = cfg.dynamo, _common(cfg), {}
     for t in d.tasks:
         path = task_path(cfg, t)
         if not path.exists():
             raise StokerError(f"dynamo task {t.name}: no data at {path}; build the offline set "
                               f"with `python scripts/dynamo_data.py {cfg.data.dir}`")  # fmt: skip
-        out[f"phase1:{t.name}"] = fingerprint(common, t.model_dump(mode="json"),
-                                              file_hash(path), d.phase1.model_dump(mode="json"))  # fmt: skip
-    everything = [common, [t.model_dump(mode="json") for t in d.tasks],
+        out[f"phase1:{t.name}"] = fingerprint(common, _task(t), file_hash(path),
+                                              d.phase1.model_dump(mode="json"))  # fmt: skip
+    everything = [common, [_task(t) for t in d.tasks],
                   [out[f"phase1:{t.name}"] for t in d.tasks], d.router.model_dump(mode="json")]  # fmt: skip
     out["phase2"] = fingerprint(everything, d.phase2.model_dump(mode="json"))
     out["phase3"] = fingerprint(everything, out["phase2"], d.phase3.model_dump(mode="json"),
