@@ -49,7 +49,6 @@ import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -58,7 +57,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from stoker.bench import cpu_seconds, resolve_device, wait_idle
+from stoker.bench import resolve_device, run_worker, wait_idle
 from stoker.config import EncoderConfig, LoRAConfig, OptimConfig
 from stoker.models.encoder import build_encoder
 from stoker.models.hf_encoder import encoder_state_dict_to_hf, hf_config_from_encoder
@@ -341,21 +340,8 @@ def spawn(spec: dict[str, Any], wait: float = 0.0) -> dict[str, Any]:
         wait_idle(wait)
     threads = str(spec["threads"])
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    print(f"  {spec['impl']:7s} {spec['dtype']} ...", end=" ", file=sys.stderr, flush=True)
-    before, t0 = cpu_seconds(), time.perf_counter()
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall, after = time.perf_counter() - t0, cpu_seconds()
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"bench_dynamo: the {spec['impl']} {spec['dtype']} cell failed")
-    result = json.loads(lines[-1].removeprefix("RESULT "))
-    if before and after:
-        result["other_cores"] = max(0.0, (after[0] - before[0] - (after[1] - before[1])) / wall)
-    other = result.get("other_cores", float("nan"))
-    print(f"{wall:.0f}s, other load {other:.2f}", file=sys.stderr, flush=True)
-    return result
+    return run_worker(cmd, env, f"{spec['impl']:7s} {spec['dtype']}", "bench_dynamo: the")
 
 
 def metrics(cell: dict[str, Any], train: str | None, infer: str) -> dict[str, float | None]:

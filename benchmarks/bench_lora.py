@@ -44,7 +44,6 @@ import argparse
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -287,31 +286,14 @@ def spawn(spec: dict[str, Any], wait: float = 0.0) -> dict[str, Any]:
     quiet); its result plus `other_cores` (the CPU other processes used meanwhile, in cores)."""
     import os
 
-    from stoker.bench import cpu_seconds, wait_idle
+    from stoker.bench import run_worker, wait_idle
 
     if wait:
         wait_idle(wait)
-
     threads = str(spec["threads"])
     env = {**os.environ, "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}
-    print(f"  {spec['impl']:6s} {spec['dtype']} ...", end=" ", file=sys.stderr, flush=True)
-    before, t0 = cpu_seconds(), time.perf_counter()
     cmd = [sys.executable, __file__, "--worker", json.dumps(spec)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    wall, after = time.perf_counter() - t0, cpu_seconds()
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"bench_lora: the {spec['impl']} {spec['dtype']} cell failed")
-    result = json.loads(lines[-1].removeprefix("RESULT "))
-    if before and after:
-        result["other_cores"] = max(0.0, (after[0] - before[0] - (after[1] - before[1])) / wall)
-    print(
-        f"{wall:.0f}s, other load {result.get('other_cores', float('nan')):.2f}",
-        file=sys.stderr,
-        flush=True,
-    )
-    return result
+    return run_worker(cmd, env, f"{spec['impl']:6s} {spec['dtype']}", "bench_lora: the")
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]], args: dict[str, Any]) -> dict[str, Any]:

@@ -153,17 +153,24 @@ def spawn(spec: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     if args.wait_idle:
         wait_idle(args.wait_idle)
     what = ",".join(spec["dtypes"]) if spec["impl"] == "matmul" else spec["mode"]
-    name = f"{spec['impl']} {what}"
-    print(f"  {name:26s} ...", end=" ", file=sys.stderr, flush=True)
+    return run_worker(cmd, env, f"{spec['impl'] + ' ' + what:26s}", "stoker bench: worker")
+
+
+def run_worker(cmd: list[str], env: dict[str, str], name: str, who: str) -> dict[str, Any]:
+    """Run a benchmark worker process that prints `RESULT <json>`: that result plus
+    `other_cores` (the CPU every other process used meanwhile, in cores), with a progress
+    line on stderr; a failed worker's output is shown and ends the benchmark (`who` names
+    it in the message)."""
+    print(f"  {name} ...", end=" ", file=sys.stderr, flush=True)
     before, t0 = cpu_seconds(), time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     wall, after = time.perf_counter() - t0, cpu_seconds()
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         sys.stderr.write(proc.stdout + proc.stderr)
-        raise SystemExit(f"stoker bench: worker {name} failed (exit {proc.returncode})")
+        raise SystemExit(f"{who} {name.strip()} failed (exit {proc.returncode})")
     result = json.loads(lines[-1].removeprefix("RESULT "))
-    if before and after:  # CPU of everything else on the machine, in cores, while this ran
+    if before and after:
         result["other_cores"] = max(0.0, ((after[0] - before[0]) - (after[1] - before[1])) / wall)
     note = result.get("missing") or f"other load {result.get('other_cores', float('nan')):.2f}"
     print(f"{wall:.0f}s, {note}", file=sys.stderr, flush=True)
