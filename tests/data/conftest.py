@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 import sysconfig
 import tarfile
 import tempfile
@@ -27,20 +25,25 @@ from pathlib import Path
 import pytest
 
 
+def _load_script():
+    """scripts/dynamo_data.py, whose package-client helpers these fixtures share."""
+    import importlib.util
+
+    path = Path(__file__).parents[2] / "scripts" / "dynamo_data.py"
+    spec = importlib.util.spec_from_file_location("dynamo_data_clients", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+_clients = _load_script()
+_run, _pip_download = _clients.run, _clients.pip_download
+
+
 def cache_root() -> Path:
-    root = Path(os.environ.get("STOKER_TEST_DATA", "~/.cache/stoker-test-data")).expanduser()
+    root = _clients.default_cache()
     root.mkdir(parents=True, exist_ok=True)
     return root
-
-
-def _run(cmd: list[str], cwd: Path) -> None:
-    try:
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise RuntimeError(f"`{' '.join(cmd)}` could not run: {e}") from None
-    if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"`{' '.join(cmd)}` exited {proc.returncode}: {' | '.join(tail)}")
 
 
 def cached(name: str, build: Callable[[Path], None], what: str) -> Path:
@@ -63,28 +66,6 @@ def cached(name: str, build: Callable[[Path], None], what: str) -> Path:
             pytrace=False,
         )
     return final
-
-
-def _pip_download(spec: str, dest: Path) -> Path:
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "-q",
-            "-d",
-            str(dest),
-            spec,
-        ],
-        dest,
-    )
-    wheels = sorted(dest.glob("*.whl"))
-    if not wheels:
-        raise RuntimeError(f"pip download {spec} produced no wheel")
-    return wheels[-1]
 
 
 def _build_gpt2(tmp: Path) -> None:
