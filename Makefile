@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.stoker-installed
 
-.PHONY: demo test bench lint format clean
+.PHONY: demo test bench lint format clean system-deps
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,7 +25,14 @@ demo: $(STAMP)
 	$(BIN)/stoker train recipes/pretrain/tiny.yaml
 	$(BIN)/stoker generate runs/tiny --prompt "def " --max-new-tokens 96 --temperature 0.7 --top-k 40 --seed 0
 
-test: $(STAMP)
+# system packages the tests use: espeak-ng speaks the multimodal digits (apt-get, as root)
+system-deps:
+	@command -v espeak-ng >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 \
+	  && { apt-get install -y -q espeak-ng >/dev/null 2>&1 \
+	       || { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q espeak-ng >/dev/null 2>&1; }; }; } \
+	  || echo "make: espeak-ng is missing and could not be installed (apt-get install espeak-ng); the multimodal tests need it"
+
+test: $(STAMP) system-deps
 	$(BIN)/python -m pytest tests
 
 bench: $(STAMP)
