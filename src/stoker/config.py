@@ -393,12 +393,14 @@ class FinetuneRecipeConfig(RecipeConfig):
 
 
 from stoker.config_dynamo import DynamoRecipeConfig  # noqa: E402
+from stoker.config_multimodal import MultimodalRecipeConfig  # noqa: E402
 
 RECIPES: dict[str, type[RecipeConfig]] = {
     "pretrain": RecipeConfig,
     "mor": MoRRecipeConfig,
     "finetune": FinetuneRecipeConfig,
     "dynamo": DynamoRecipeConfig,
+    "multimodal": MultimodalRecipeConfig,
 }
 
 
@@ -432,6 +434,7 @@ __all__ = [
     "DataConfig",
     "DistConfig",
     "DynamoRecipeConfig",
+    "MultimodalRecipeConfig",
     "EncoderConfig",
     "FinetuneRecipeConfig",
     "LoRAConfig",

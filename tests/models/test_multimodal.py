@@ -150,6 +150,28 @@ def test_contrastive_loss_equals_the_reference_over_present_pairs():
     assert same == {"a->b": 1.0, "b->a": 1.0}
 
 
+def test_groups_make_equal_content_positives():
+    torch.manual_seed(0)
+    a, b = (F.normalize(torch.randn(6, 8, dtype=torch.float64), dim=-1) for _ in range(2))
+    groups = torch.tensor([0, 1, 0, 2, 1, 0])
+    loss, acc = contrastive_loss({"a": a, "b": b}, None, torch.tensor(7.0, dtype=torch.float64),
+                                 groups)  # fmt: skip
+    s, g = 7.0 * (a @ b.T).numpy(), groups.numpy()
+
+    def way(s):
+        return np.mean([np.log(np.exp(s[i]).sum()) - np.log(np.exp(s[i][g == g[i]]).sum())
+                        for i in range(6)])  # fmt: skip
+
+    assert float(loss) == pytest.approx((way(s) + way(s.T)) / 2, rel=1e-10)
+    hits = np.mean([g[s[i].argmax()] == g[i] for i in range(6)])
+    assert acc["a->b"] == pytest.approx(hits)
+    # distinct groups are the plain loss
+    plain = contrastive_loss({"a": a, "b": b}, None, torch.tensor(7.0, dtype=torch.float64))[0]
+    distinct = contrastive_loss({"a": a, "b": b}, None, torch.tensor(7.0, dtype=torch.float64),
+                                torch.arange(6))[0]  # fmt: skip
+    assert float(distinct) == pytest.approx(float(plain), rel=1e-12)
+
+
 def test_contrastive_loss_leaves_out_pairs_with_fewer_than_two_samples():
     emb = {m: F.normalize(torch.randn(3, 4), dim=-1).requires_grad_() for m in ("a", "b")}
     only_one = {"a": torch.tensor([True, False, False])}

@@ -17,8 +17,9 @@ registry keyed by kind), freezing, and the contrastive aligner with its loss.
   (ImageBind, Girdhar et al. 2023), with one learnable logit scale (CLIP, Radford et al. 2021:
   initialised to ln(1/0.07), clamped to ln 100).
 - `contrastive_loss`: symmetric InfoNCE for every pair of modalities, each over the samples
-  in which both are present (per-sample presence masks), averaged over pairs; and the pair's
-  retrieval accuracy (argmax of each row equals its own column), both directions.
+  in which both are present (per-sample presence masks), averaged over pairs; optional groups
+  of samples with the same content, which are each other's positives (multi-positive InfoNCE);
+  and the pair's retrieval accuracy (each row's argmax lands in its group), both directions.
 """
 
 from __future__ import annotations
@@ -213,12 +214,17 @@ def contrastive_loss(
     embeddings: dict[str, torch.Tensor],
     present: dict[str, torch.Tensor] | None,
     scale: torch.Tensor,
+    groups: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """(mean symmetric InfoNCE over the modality pairs, {"<a>-><b>": retrieval accuracy, ...}).
 
     `present[m]` (B,) bool marks the samples that have modality m (None: all); a pair uses
     the samples having both, and a pair with fewer than two such samples is left out (there is
-    nothing to contrast). With no usable pair the loss is a zero that keeps the graph."""
+    nothing to contrast). With no usable pair the loss is a zero that keeps the graph.
+    `groups` (B,): samples with one group id show the same content (e.g. the same digit), so
+    each is a positive of the others: row i's loss is -log(Σ_{j∈P(i)} e^{s_ij} / Σ_j e^{s_ij})
+    (the multi-positive InfoNCE; with no groups P(i) = {i}, CLIP's loss), and a retrieval is
+    right when it lands in the row's group."""
     losses, acc = [], {}
     for a, b in combinations(sorted(embeddings), 2):
         ea, eb = embeddings[a], embeddings[b]
@@ -228,12 +234,18 @@ def contrastive_loss(
         if int(both.sum()) < 2:
             continue
         ea, eb = ea[both], eb[both]
-        logits = scale * ea @ eb.T  # (n, n): row i's positive is column i
-        target = torch.arange(len(ea), device=ea.device)
-        losses.append((F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2)
+        g = torch.arange(len(ea), device=ea.device) if groups is None else groups[both]
+        positive = g[:, None] == g[None, :]  # (n, n), symmetric
+        logits = scale * ea @ eb.T  # (n, n): rows a, columns b
+
+        def one_way(s: torch.Tensor) -> torch.Tensor:
+            pos = s.masked_fill(~positive, float("-inf")).logsumexp(1)
+            return (s.logsumexp(1) - pos).mean()
+
+        losses.append((one_way(logits) + one_way(logits.T)) / 2)
         with torch.no_grad():
-            acc[f"{a}->{b}"] = float((logits.argmax(1) == target).float().mean())
-            acc[f"{b}->{a}"] = float((logits.argmax(0) == target).float().mean())
+            acc[f"{a}->{b}"] = float((g[logits.argmax(1)] == g).double().mean())
+            acc[f"{b}->{a}"] = float((g[logits.argmax(0)] == g).double().mean())
     if not losses:  # zero, joined to every input so that backward still reaches them
         return sum(e.sum() for e in embeddings.values()) * 0.0 + scale * 0.0, acc
     return torch.stack(losses).mean(), acc

@@ -2,7 +2,8 @@
 
 `recipe` in a config picks the task: pretrain and mor are language modelling on token shards
 (tasks/lm.py), finetune is supervised fine-tuning from `train.init_from` (tasks/finetune.py),
-dynamo the multi-task adapter/router recipe in phases (tasks/dynamo/).
+dynamo the multi-task adapter/router recipe in phases (tasks/dynamo/), multimodal the frozen
+encoders and their contrastive aligner (tasks/multimodal/).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ def task_class(cfg: RecipeConfig) -> type[Task]:
     from stoker.tasks.dynamo.task import DynamoTask
     from stoker.tasks.finetune import FinetuneTask
     from stoker.tasks.lm import LanguageModelTask, MoRTask
+    from stoker.tasks.multimodal.task import MultimodalTask
 
     tasks = {"pretrain": LanguageModelTask, "mor": MoRTask, "finetune": FinetuneTask,
-             "dynamo": DynamoTask}  # fmt: skip
+             "dynamo": DynamoTask, "multimodal": MultimodalTask}  # fmt: skip
     return tasks[cfg.recipe]
 
 

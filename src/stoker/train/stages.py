@@ -44,6 +44,41 @@ def fingerprint(*parts: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+_HASHES: dict[tuple, str] = {}
+
+# the loop's settings that a stage sets for itself (per phase) or that do not change its result
+VOLATILE = ("out_dir", "resume", "log_interval", "monitor_interval", "device", "save_interval",
+            "keep_last", "max_steps", "eval_interval", "early_stopping_metric",
+            "early_stopping_patience")  # fmt: skip
+
+
+def loop_settings(cfg: RecipeConfig) -> dict[str, Any]:
+    """The `train` and `optim` settings a stage's result depends on (all but `VOLATILE` and
+    the LR, which each stage sets)."""
+    train = cfg.train.model_dump(mode="json")
+    for key in VOLATILE:
+        train.pop(key)
+    optim = cfg.optim.model_dump(mode="json")
+    optim.pop("lr")
+    return {"train": train, "optim": optim}
+
+
+def file_hash(path: Path) -> str:
+    """SHA-256 of a file's bytes (a directory: of its files' names and hashes), cached per
+    (path, size, mtime) for the process."""
+    from stoker.train.checkpoint import file_sha256
+
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        if path.is_file():
+            _HASHES[key] = file_sha256(path)
+        else:
+            files = sorted(p for p in path.rglob("*") if p.is_file())
+            _HASHES[key] = fingerprint([(str(p.relative_to(path)), file_hash(p)) for p in files])
+    return _HASHES[key]
+
+
 def read_marker(out_dir: Path) -> dict[str, Any] | None:
     try:
         data = json.loads((out_dir / MARKER).read_text())
@@ -94,3 +129,16 @@ def prepare_stage(stage: Stage, say) -> str:
             f"{stage.out_dir} was trained; retraining it")  # fmt: skip
         shutil.rmtree(stage.out_dir)
     return s
+
+
+def finished_checkpoint(stage_dir: Path, expected: str | None = None) -> Path | None:
+    """The newest intact checkpoint of a stage that finished (with fingerprint `expected`,
+    if given), else None."""
+    from stoker.train.checkpoint import latest_intact
+
+    marker = read_marker(stage_dir)
+    if not marker or not marker.get("done"):
+        return None
+    if expected is not None and marker.get("fingerprint") != expected:
+        return None
+    return latest_intact(stage_dir)

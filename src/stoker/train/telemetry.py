@@ -136,7 +136,8 @@ class Throughput:
         self.last_end = None
 
     def mfu(self, tokens_per_second: float) -> float | None:
-        if not self.peak:
+        """None without a peak rate or without a FLOPs count (a task that is no token model)."""
+        if not self.peak or not self.flops_per_token:
             return None
         return tokens_per_second * self.flops_per_token / (self.world * self.peak)
 

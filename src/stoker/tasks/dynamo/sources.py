@@ -115,9 +115,8 @@ _STOP = (
 )
 _DEF = re.compile(r"\s(is|was|are|were)\s+(?:(?:a|an|the)\s+)?(?P<np>[^,;:()\"]+?)" + _STOP)
 _PREPS = {"of", "in", "among", "between", "with", "for", "from", "on", "at", "by", "to"}
-# a capitalised word (inner dots: "U.S"), an initial or "St." ("J. R. R. Tolkien", "St. Louis"),
-# or a lower-case particle as a whole word; a sentence's full stop ends the name
-_NAME = r"(?:[A-Z]\.|(?:St|Mt|Ft)\.|[A-Z][\w'’-]*(?:\.[A-Z][\w'’-]*)*|(?:de|da|van|von|der|del|la|le)\b)"
+# a capitalised word, an initial or "St." ("J. R. R. Tolkien"), a particle; a full stop ends it
+_NAME = r"(?:[A-Z]\.|(?:St|Mt|Ft)\.|[A-Z][\w'’-]*(?:\.[A-Z][\w'’-]*)*|(?:de|da|van|von|der|del|la|le)\b)"  # noqa: E501
 _PERSON = rf"(?P<who>{_NAME}(?:\s{_NAME})*)"
 _BY = re.compile(
     r"\b(directed|written|founded|developed|invented|discovered|designed|painted|composed"
@@ -440,14 +439,8 @@ def _map_row(kind: str, row: Record, langs: tuple[str | None, str | None]) -> Re
     raise KeyError(f"want {want}" + (" or translation" if kind == "translation" else ""))
 
 
-def load_records(
-    kind: str,
-    path: str | Path,
-    *,
-    source_lang: str | None = None,
-    target_lang: str | None = None,
-    split: str | None = None,
-) -> list[Record]:
+def load_records(kind: str, path: str | Path, *, source_lang: str | None = None,
+                 target_lang: str | None = None, split: str | None = None) -> list[Record]:  # fmt: skip
     """A local copy of a task's original dataset (SST-2, SQuAD, XSum / CNN-DM, WMT, MBPP) or
     our JSONL, as records of our shape. Check them with `validate_records`."""
     _check_kind(kind)

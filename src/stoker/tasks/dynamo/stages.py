@@ -14,52 +14,21 @@ from pathlib import Path
 from typing import Any
 
 from stoker.errors import StokerError
-from stoker.train.stages import Stage, fingerprint, read_marker
-
-_HASHES: dict[tuple, str] = {}
-
-
-def file_hash(path: Path) -> str:
-    from stoker.train.checkpoint import file_sha256
-
-    st = path.stat()
-    key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = file_sha256(path) if path.is_file() else _dir_hash(path)
-    return _HASHES[key]
-
-
-def _dir_hash(path: Path) -> str:
-    from stoker.train.checkpoint import file_sha256
-
-    files = sorted(p for p in path.rglob("*") if p.is_file())
-    return fingerprint([(str(p.relative_to(path)), file_sha256(p)) for p in files])
+from stoker.train.stages import (  # noqa: F401  (finished_checkpoint: re-exported)
+    Stage,
+    file_hash,
+    fingerprint,
+    finished_checkpoint,
+    loop_settings,
+)
 
 
 def _common(cfg) -> dict[str, Any]:
     """What every stage's result depends on."""
-    train = cfg.train.model_dump(mode="json")
-    for volatile in (
-        "out_dir",
-        "resume",
-        "log_interval",
-        "monitor_interval",
-        "device",
-        "save_interval",
-        "keep_last",
-        "max_steps",
-        "eval_interval",
-        "early_stopping_metric",
-        "early_stopping_patience",
-    ):  # the last four: set per phase
-        train.pop(volatile)
-    optim = cfg.optim.model_dump(mode="json")
-    optim.pop("lr")  # per phase
     tasks = [(t.name, t.kind, t.n_labels) for t in cfg.dynamo.tasks]
     return {"encoder": cfg.encoder.model_dump(mode="json"), "init_from": cfg.train.init_from,
             "lora": cfg.lora.model_dump(mode="json"), "data": cfg.data.model_dump(mode="json"),
-            "tasks": tasks, "train": train, "optim": optim,
-            "pooling": cfg.dynamo.pooling}  # fmt: skip
+            "tasks": tasks, **loop_settings(cfg), "pooling": cfg.dynamo.pooling}  # fmt: skip
 
 
 def _stage_cfg(cfg, stage: str, out: Path, phase) -> Any:
@@ -126,16 +95,3 @@ def plan(cfg) -> list[Stage]:
     for s in stages:
         s.fresh = cfg.train.resume == "never"
     return stages
-
-
-def finished_checkpoint(stage_dir: Path, expected: str | None = None) -> Path | None:
-    """The newest intact checkpoint of a stage that finished (with fingerprint `expected`,
-    if given), else None."""
-    from stoker.train.checkpoint import latest_intact
-
-    marker = read_marker(stage_dir)
-    if not marker or not marker.get("done"):
-        return None
-    if expected is not None and marker.get("fingerprint") != expected:
-        return None
-    return latest_intact(stage_dir)

@@ -62,7 +62,10 @@ def read_image(path: Path) -> np.ndarray:
             return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
     except FileNotFoundError:
         raise StokerError(f"image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, ValueError) as e:
+    except UnidentifiedImageError:
+        raise StokerError(f"cannot read the image {path}: not a format Pillow reads (PNG, "
+                          "JPEG, ...)") from None  # fmt: skip
+    except (OSError, ValueError) as e:
         raise StokerError(f"cannot read the image {path}: {e}") from None
 
 
@@ -204,7 +207,8 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 def build_digits(out: Path, seed: int = 1234, n_align: int = 4000, n_chat: int = 6000,
                  n_test: int = 400) -> dict[str, Any]:  # fmt: skip
-    """Writes images/, audio/, align-{train,test}.jsonl and chat-{train,test}.jsonl under
+    """Writes images/, audio/, images.jsonl and audio.jsonl (every file with its label and
+    split), align-{train,test}.jsonl and chat-{train,test}.jsonl under
     `out`; returns the counts (manifest)."""
     out.mkdir(parents=True, exist_ok=True)
     images, clips = write_digit_images(out), write_digit_speech(out)
@@ -212,6 +216,8 @@ def build_digits(out: Path, seed: int = 1234, n_align: int = 4000, n_chat: int =
         "images": {s: sum(r["split"] == s for r in images) for s in ("train", "test")},
         "audio": {s: sum(r["split"] == s for r in clips) for s in ("train", "test")},
     }
+    write_jsonl(out / "images.jsonl", images)
+    write_jsonl(out / "audio.jsonl", clips)
     for split, n_a, n_c in (("train", n_align, n_chat), ("test", n_test, n_test)):
         write_jsonl(out / f"align-{split}.jsonl", alignment_pairs(images, clips, split, n_a, seed))
         write_jsonl(out / f"chat-{split}.jsonl", conversations(images, clips, split, n_c, seed))

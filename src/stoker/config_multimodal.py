@@ -1,0 +1,110 @@
+"""Recipe sections of the multimodal recipe (tasks/multimodal/): small image and audio encoders
+pretrained as classifiers then frozen, and a contrastive aligner over them (phase 1), trained
+as stages of the one loop. Schema rules as in config.py, which re-exports these."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import model_validator
+
+from stoker.config import PositiveFloat, PositiveInt, RecipeConfig, Section, Seed
+
+MODALITIES = ("image", "audio")
+
+
+class ModalityEncoderConfig(Section):
+    """One modality's encoder (models/multimodal.py `ENCODERS`), pretrained on its labelled
+    files for `pretrain_steps` at `lr`, then frozen."""
+
+    kind: Literal["image_cnn", "audio_cnn"]
+    widths: list[PositiveInt] = [16, 32, 64]  # channels of each conv block
+    n_mels: PositiveInt = 40  # audio: log-mel bands
+    n_fft: PositiveInt = 512  # audio: STFT window (samples)
+    hop_length: PositiveInt = 256  # audio: STFT hop (samples)
+    pretrain_steps: PositiveInt = 200
+    lr: PositiveFloat = 3e-3
+
+    @model_validator(mode="after")
+    def _check(self) -> ModalityEncoderConfig:
+        if not self.widths:
+            raise ValueError("widths must name at least one conv block's channels")
+        return self
+
+
+class MultimodalDataConfig(Section):
+    """The files (`scripts/multimodal_data.py DIR` writes the digits task): labelled images
+    and clips for the encoders, alignment pairs for phase 1 (paths relative to each file)."""
+
+    dir: str = "data/digits"
+    images: str = "images.jsonl"  # {"path", "label", "split"}
+    audio: str = "audio.jsonl"  # {"path", "label", "split"}
+    align_train: str = "align-train.jsonl"  # {"image", "audio", "label"}
+    align_test: str = "align-test.jsonl"
+    n_classes: PositiveInt = 10  # the encoders' pretraining labels
+    sample_rate: PositiveInt = 22050  # audio is checked against this (no resampling)
+    audio_seconds: PositiveFloat = 1.0  # clips cropped/padded to this length
+    seed: Seed = 1234
+    eval_examples: PositiveInt = 400  # held-out items per evaluation
+    num_workers: int | Literal["auto"] = 0  # the loop's loader (batches are built in memory)
+    pin_memory: bool | Literal["auto"] = "auto"
+    prefetch_factor: PositiveInt = 2
+
+
+class AlignerConfig(Section):
+    dim: PositiveInt = 64  # the shared embedding size
+    max_steps: PositiveInt = 300
+    lr: PositiveFloat = 2e-3
+    eval_interval: PositiveInt = 100
+
+
+class MultimodalConfig(Section):
+    image: ModalityEncoderConfig | None = ModalityEncoderConfig(kind="image_cnn")
+    audio: ModalityEncoderConfig | None = ModalityEncoderConfig(kind="audio_cnn", widths=[16, 32])
+    aligner: AlignerConfig = AlignerConfig()
+    phases: list[Literal[1]] = [1]
+    # the stage one `stoker train` runs (set by the recipe itself for each stage's run):
+    # None = all of them in order; encoder:image, encoder:audio, phase1
+    stage: str | None = None
+
+    @property
+    def modalities(self) -> list[str]:
+        return [m for m in MODALITIES if getattr(self, m) is not None]
+
+    def encoder(self, modality: str) -> ModalityEncoderConfig:
+        enc = getattr(self, modality)
+        assert enc is not None
+        return enc
+
+    @model_validator(mode="after")
+    def _check(self) -> MultimodalConfig:
+        if len(self.modalities) < 2:
+            raise ValueError("multimodal needs two modalities (image and audio) to align")
+        for m in self.modalities:
+            want = f"{m}_cnn"
+            if self.encoder(m).kind != want:
+                raise ValueError(f"multimodal.{m}.kind={self.encoder(m).kind} encodes another "
+                                 f"modality; use {want}")  # fmt: skip
+        valid = {f"encoder:{m}" for m in self.modalities} | {"phase1", None}
+        if self.stage not in valid:
+            raise ValueError(f"multimodal.stage={self.stage} is not a stage of this recipe; use "
+                             f"one of {', '.join(sorted(s for s in valid if s))}")  # fmt: skip
+        return self
+
+
+class MultimodalRecipeConfig(RecipeConfig):
+    """Frozen image/audio encoders and the contrastive aligner over them; `train.*` are the
+    loop's settings shared by every stage, each stage has its own steps and LR."""
+
+    recipe: Literal["multimodal"] = "multimodal"  # type: ignore[assignment]
+    data: MultimodalDataConfig = MultimodalDataConfig()  # type: ignore[assignment]
+    multimodal: MultimodalConfig = MultimodalConfig()
+
+
+__all__ = [
+    "AlignerConfig",
+    "ModalityEncoderConfig",
+    "MultimodalConfig",
+    "MultimodalDataConfig",
+    "MultimodalRecipeConfig",
+]

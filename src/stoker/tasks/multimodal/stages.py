@@ -1,0 +1,89 @@
+"""The multimodal recipe's stages (train/stages.py): `encoder:<modality>` for each modality
+(its encoder pretrained as a classifier on its labelled files), then `phase1` (the aligner
+over the frozen encoders), in `<train.out_dir>/encoder-<modality>/` and `phase1/`.
+
+An encoder stage's fingerprint covers its own section, the data settings, its labelled file
+and every file that file names (their bytes), and the loop's settings; phase 1 covers both
+encoders' fingerprints, the aligner section and the alignment files with theirs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from stoker.train.stages import Stage, file_hash, fingerprint, loop_settings
+
+ENCODER = "encoder:"
+
+
+def _files_hash(path: Path, keys: tuple[str, ...]) -> str:
+    """The JSONL file's hash and those of the files its rows name under `keys`."""
+    from stoker.tasks.multimodal.data import read_rows
+
+    rows = read_rows(path, keys)
+    named = sorted({r[k] for r in rows for k in keys if k in ("path", "image", "audio")})
+    return fingerprint(file_hash(path), [(n, file_hash(path.parent / n)) for n in named])
+
+
+def fingerprints(cfg) -> dict[str, str]:
+    from stoker.tasks.multimodal.data import data_path
+
+    mm, out = cfg.multimodal, {}
+    data = cfg.data.model_dump(mode="json")
+    data.pop("eval_examples")  # how much each evaluation reads, not what trains
+    common = {"data": data, **loop_settings(cfg)}
+    for m in mm.modalities:
+        path = data_path(cfg, cfg.data.images if m == "image" else cfg.data.audio)
+        out[f"{ENCODER}{m}"] = fingerprint(common, m, mm.encoder(m).model_dump(mode="json"),
+                                           _files_hash(path, ("path", "label", "split")))  # fmt: skip
+    align = [_files_hash(data_path(cfg, f), ("image", "audio", "label"))
+             for f in (cfg.data.align_train, cfg.data.align_test)]  # fmt: skip
+    out["phase1"] = fingerprint(common, [out[f"{ENCODER}{m}"] for m in mm.modalities],
+                                mm.aligner.model_dump(mode="json"), align)  # fmt: skip
+    return out
+
+
+def _stage_cfg(cfg, stage: str, root: Path) -> Any:
+    from stoker.config import validate_config
+
+    mm = cfg.multimodal
+    if stage.startswith(ENCODER):
+        enc = mm.encoder(stage[len(ENCODER) :])
+        steps, lr, interval = enc.pretrain_steps, enc.lr, enc.pretrain_steps
+    else:
+        a = mm.aligner
+        steps, lr, interval = a.max_steps, a.lr, a.eval_interval
+    data = cfg.model_dump(mode="json")
+    data["train"] |= {"out_dir": str(root / stage.replace(":", "-")), "max_steps": steps,
+                      "eval_interval": min(interval, steps), "resume": "auto"}  # fmt: skip
+    data["optim"]["lr"] = lr
+    data["multimodal"]["stage"] = stage
+    return validate_config(data)
+
+
+def check_files(cfg) -> None:
+    """Read every file the stages will read (kept in memory for them), so that a bad image,
+    clip or label stops the run before its first stage trains, not in a later one."""
+    from stoker.tasks.multimodal import data as md
+
+    for m in cfg.multimodal.modalities:
+        for split in ("train", "test"):
+            md.labelled(cfg, m, split)
+    for split in ("train", "test"):
+        md.pairs(cfg, split)
+
+
+def plan(cfg) -> list[Stage]:
+    from stoker.errors import StokerError
+
+    if cfg.train.resume not in ("auto", "never"):
+        raise StokerError("train.resume=PATH does not apply to a multimodal recipe (each stage "
+                          "resumes in its own directory); use auto, or never to retrain all")  # fmt: skip
+    root, fps = Path(cfg.train.out_dir), fingerprints(cfg)
+    check_files(cfg)
+    names = [f"{ENCODER}{m}" for m in cfg.multimodal.modalities] + ["phase1"]
+    stages = [Stage(n, _stage_cfg(cfg, n, root), fps[n]) for n in names]
+    for s in stages:
+        s.fresh = cfg.train.resume == "never"
+    return stages

@@ -1,0 +1,233 @@
+"""The multimodal recipe's stages as tasks on the one loop (tasks/base.py); stages.py plans
+them, each one run of train/loop.py in its own directory under the recipe's `train.out_dir`.
+
+- `encoder:<modality>` pretrains that modality's encoder (models/multimodal.py) as a
+  classifier on its labelled training files: cross-entropy, accuracy on the held-out split.
+  Its checkpoint holds the whole encoder (BatchNorm statistics included).
+- `phase1` loads both encoders from their stages, freezes them (eval mode for good: BatchNorm
+  statistics never move) and trains the aligner alone with the symmetric InfoNCE of
+  models/multimodal.py, pairs of one digit being positives of each other (`groups`). The
+  loss of a step is the mean of its micro-batches' losses (each micro-batch is one contrast
+  set). It reports image->audio and audio->image retrieval accuracy over the whole held-out
+  pair set (a retrieval is right when the nearest item shows the same digit; chance 1 / the
+  number of classes). Its checkpoint holds the aligner only, with the encoders' hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from stoker.errors import StokerError
+from stoker.models.multimodal import Aligner, build_modality_encoder, contrastive_loss, freeze
+from stoker.tasks.base import Task, sum_over_ranks
+from stoker.tasks.multimodal import data as md
+from stoker.tasks.multimodal.stages import ENCODER
+
+
+def build_encoder(cfg, modality: str) -> nn.Module:
+    e = cfg.multimodal.encoder(modality)
+    options: dict[str, Any] = {"widths": tuple(e.widths), "n_classes": cfg.data.n_classes}
+    if modality == "audio":
+        options |= {"sample_rate": cfg.data.sample_rate, "n_mels": e.n_mels, "n_fft": e.n_fft,
+                    "hop_length": e.hop_length}  # fmt: skip
+    return build_modality_encoder(e.kind, **options)
+
+
+def tensors_hash(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def stage_dir(cfg, stage: str) -> Path:
+    out = Path(cfg.train.out_dir)
+    root = out.parent if cfg.multimodal.stage is not None else out
+    return root / stage.replace(":", "-")
+
+
+def encoder_checkpoint(cfg, modality: str) -> Path:
+    """The finished encoder stage's checkpoint, trained on what this config gives it."""
+    from stoker.tasks.multimodal.stages import fingerprints
+    from stoker.train.stages import finished_checkpoint
+
+    stage = f"{ENCODER}{modality}"
+    where = stage_dir(cfg, stage)
+    ckpt = finished_checkpoint(where, fingerprints(cfg)[stage])
+    if ckpt is None:
+        state = ("is out of date (its config or data changed)" if finished_checkpoint(where)
+                 else "holds no finished run")  # fmt: skip
+        raise StokerError(f"phase 1 needs the {modality} encoder of {stage}, but {where} "
+                          f"{state}; run the recipe's stages in order")  # fmt: skip
+    return ckpt
+
+
+def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+class AlignModel(nn.Module):
+    """Frozen encoders (features pooled) and the trainable aligner."""
+
+    def __init__(self, encoders: dict[str, nn.Module], dim: int):
+        super().__init__()
+        self.encoders = nn.ModuleDict(encoders)
+        self.aligner = Aligner({m: e.dim for m, e in encoders.items()}, dim)
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        with torch.no_grad():
+            feats = {m: self.encoders[m].features(x) for m, x in inputs.items()}
+        return self.aligner(feats)
+
+
+def build_align_model(cfg) -> AlignModel:
+    encoders = {}
+    for m in cfg.multimodal.modalities:
+        enc = build_encoder(cfg, m)
+        enc.load_state_dict(read_tensors(encoder_checkpoint(cfg, m)))
+        encoders[m] = freeze(enc)
+    return AlignModel(encoders, cfg.multimodal.aligner.dim)
+
+
+class MultimodalTask(Task):
+    name = "multimodal"
+
+    def __init__(self, cfg, info, resolve: bool = True):
+        super().__init__(cfg, info, resolve)
+        stage = cfg.multimodal.stage
+        self.modality = stage[len(ENCODER) :] if stage and stage.startswith(ENCODER) else None
+        self.metrics = ({"accuracy": "max", "val_loss": "min"} if self.modality else
+                        {"retrieval": "max", "val_loss": "min"})  # fmt: skip
+        self.val: Any = None
+        self.hashes: dict[str, str] = {}
+
+    @classmethod
+    def stages(cls, cfg) -> list | None:
+        from stoker.tasks.multimodal.stages import plan
+
+        return plan(cfg) if cfg.multimodal.stage is None else None
+
+    @property
+    def tokenizer_dir(self) -> Path | None:
+        return None
+
+    # ------------------------------------------------------------------------------ data
+    def prepare(self, stats: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Every rank reads the (small) files into memory; here: that they are readable."""
+        if self.modality:
+            return {"train": len(md.labelled(self.cfg, self.modality, "train").y)}
+        return {"pairs": len(md.pairs(self.cfg, "train").label)}
+
+    def open_data(self) -> None:
+        cfg, n = self.cfg, self.cfg.data.eval_examples
+        if self.modality:
+            train = md.labelled(cfg, self.modality, "train")
+            test = md.labelled(cfg, self.modality, "test")
+            tensors = {"x": train.x, "y": train.y}
+            self.val = md.Labelled(test.x[:n], test.y[:n])
+        else:
+            train, test = md.pairs(cfg, "train"), md.pairs(cfg, "test")
+            tensors = {"image": train.image, "audio": train.audio, "label": train.label}
+            self.val = md.Pairs(test.image[:n], test.audio[:n], test.label[:n])
+        self.train_data = md.Batches(tensors, cfg.train.batch_size, cfg.data.seed)
+
+    # ----------------------------------------------------------------------------- model
+    def build_model(self, device: torch.device, ckpt: Path | None) -> nn.Module:
+        from stoker.train.checkpoint import save_trainable_only
+
+        if self.modality:
+            return build_encoder(self.cfg, self.modality).to(device)
+        model = build_align_model(self.cfg)
+        self.hashes = {m: tensors_hash(e) for m, e in model.encoders.items()}
+        save_trainable_only(model)
+        return model.to(device)
+
+    def flops_per_token(self) -> float:
+        return 0.0  # not a token model: MFU is not reported
+
+    # ------------------------------------------------------------------------------ step
+    def to_device(self, batch, device: torch.device):
+        return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+    def count(self, batch) -> int:
+        return int(len(batch["y"])) if self.modality else 1  # phase 1: one contrast set
+
+    def tokens(self, batch) -> int:
+        return int(len(batch["y" if self.modality else "label"]))  # items
+
+    def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.modality:
+            return F.cross_entropy(model(batch["x"]).float(), batch["y"], reduction="sum"), None
+        from stoker.train.distributed import unwrap
+
+        emb = model({m: batch[m] for m in self.cfg.multimodal.modalities})
+        loss, _ = contrastive_loss(emb, None, unwrap(model).aligner.scale(), batch["label"])
+        return loss, None
+
+    # ------------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, n_batches: int, amp, n_micro: int) -> dict[str, float]:
+        from stoker.train.distributed import unwrap
+
+        m = unwrap(model)
+        m.eval()
+        try:
+            with amp:
+                return self._classify(m) if self.modality else self._retrieval(m)
+        finally:
+            self.train_mode(model)
+
+    def _chunks(self, n: int):
+        step = self.cfg.train.micro_batch_size
+        return [slice(i, i + step) for i in range(0, n, step)]
+
+    def _classify(self, m: nn.Module) -> dict[str, float]:
+        device = next(m.parameters()).device
+        total, correct = 0.0, 0
+        for s in self._chunks(len(self.val.y)):
+            logits = m(self.val.x[s].to(device)).float()
+            y = self.val.y[s].to(device)
+            total += float(F.cross_entropy(logits, y, reduction="sum"))
+            correct += int((logits.argmax(-1) == y).sum())
+        total, correct, n = sum_over_ranks([total, correct, len(self.val.y)], self.info)
+        return {"val_loss": total / n, "accuracy": 100.0 * correct / n}
+
+    def _retrieval(self, m: AlignModel) -> dict[str, float]:
+        device = next(m.parameters()).device
+        mods = self.cfg.multimodal.modalities
+        emb: dict[str, list[torch.Tensor]] = {k: [] for k in mods}
+        for s in self._chunks(len(self.val.label)):
+            out = m({k: getattr(self.val, k)[s].to(device) for k in mods})
+            for k in mods:
+                emb[k].append(out[k].float())
+        full = {k: torch.cat(v) for k, v in emb.items()}
+        loss, acc = contrastive_loss(full, None, m.aligner.scale().float(),
+                                     self.val.label.to(device))  # fmt: skip
+        result = {"val_loss": float(loss)} | {k.replace("->", "_to_"): 100.0 * v
+                                               for k, v in acc.items()}  # fmt: skip
+        result["retrieval"] = 100.0 * min(acc.values())  # the weaker direction
+        return result
+
+    # ------------------------------------------------------------------------ checkpoint
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"encoders": self.hashes} if self.hashes else {}
+
+    @classmethod
+    def load_trained(cls, cfg, ckpt: Path, device: torch.device) -> nn.Module:
+        stage = cfg.multimodal.stage or "phase1"
+        if stage.startswith(ENCODER):
+            model = build_encoder(cfg, stage[len(ENCODER) :])
+            model.load_state_dict(read_tensors(ckpt))
+            return model.to(device).eval()
+        model = build_align_model(cfg)
+        model.load_state_dict(read_tensors(ckpt), strict=False)
+        return model.to(device).eval()

@@ -1,0 +1,145 @@
+"""The multimodal recipe end to end on the digits task (recipes/multimodal/digits.yaml,
+shortened): the encoder stages and phase 1 through the one loop; frozen encoders bitwise
+unchanged by phase 1 (BatchNorm statistics too); a phase-1 checkpoint that holds the aligner
+only; exact resume of a killed phase 1; skip/retrain bookkeeping; one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stoker.cli import main
+from stoker.train import loop
+
+ROOT = Path(__file__).parents[3]
+RECIPE = ROOT / "recipes" / "multimodal" / "digits.yaml"
+
+
+def short(data: Path, out: Path) -> list[str]:
+    return [f"--data.dir={data}", f"--train.out_dir={out}", "--data.eval_examples=100",
+            "--multimodal.image.pretrain_steps=30", "--multimodal.audio.pretrain_steps=40",
+            "--multimodal.aligner.max_steps=40", "--multimodal.aligner.eval_interval=20",
+            "--train.batch_size=32", "--train.micro_batch_size=16",
+            "--train.monitor_interval=0"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(digits_data, tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("mm") / "run"
+    args = short(digits_data, out)
+    assert main(["train", str(RECIPE), *args]) == 0
+    return {"out": out, "args": args, "data": digits_data}
+
+
+def last_ckpt(stage_dir: Path) -> Path:
+    return sorted((stage_dir / "checkpoints").iterdir())[-1]
+
+
+def evals(stage_dir: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (stage_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if "val_loss" in r and "step" in r]
+
+
+def test_encoders_learn_their_labels_and_the_aligner_retrieves(run):
+    for stage in ("encoder-image", "encoder-audio", "phase1"):
+        assert json.loads((run["out"] / stage / "stage.json").read_text())["done"], stage
+    # far above chance (10%) on held-out images and unseen voices, even this short
+    assert evals(run["out"] / "encoder-image")[-1]["accuracy"] > 50
+    assert evals(run["out"] / "encoder-audio")[-1]["accuracy"] > 30
+    last = evals(run["out"] / "phase1")[-1]
+    assert last["retrieval"] == min(last["image_to_audio"], last["audio_to_image"]) > 20
+
+
+def test_phase1_checkpoint_holds_the_aligner_only_and_encoders_stay_frozen(run):
+    from stoker.config import load_config
+    from stoker.tasks.multimodal.task import MultimodalTask, tensors_hash
+
+    tensors = load_file(str(last_ckpt(run["out"] / "phase1") / "model.safetensors"))
+    assert tensors and all(k.startswith("aligner.") for k in tensors), sorted(tensors)[:5]
+    meta = json.loads((last_ckpt(run["out"] / "phase1") / "stoker.json").read_text())
+    for m in ("image", "audio"):
+        enc = load_file(str(last_ckpt(run["out"] / f"encoder-{m}") / "model.safetensors"))
+        assert any(k.endswith("running_mean") for k in enc)  # BatchNorm statistics are saved
+    cfg = load_config(str(run["out"] / "phase1" / "config.yaml"))
+    model = MultimodalTask.load_trained(cfg, last_ckpt(run["out"] / "phase1"), torch.device("cpu"))
+    for m, enc in model.encoders.items():
+        saved = load_file(str(last_ckpt(run["out"] / f"encoder-{m}") / "model.safetensors"))
+        now = enc.state_dict()
+        assert all(torch.equal(now[k], saved[k]) for k in saved), m  # bitwise, after phase 1
+        assert meta["encoders"][m] == tensors_hash(enc)
+
+
+def test_rerun_skips_and_a_changed_encoder_retrains_what_depends_on_it(run, tmp_path, capsys):
+    out = tmp_path / "run"
+    shutil.copytree(run["out"], out)
+    args = [a for a in run["args"] if not a.startswith("--train.out_dir")]
+    assert main(["train", str(RECIPE), *args, f"--train.out_dir={out}"]) == 0
+    assert capsys.readouterr().out.count("skipped") == 3
+    args += ["--multimodal.audio.pretrain_steps=41"]
+    assert main(["train", str(RECIPE), *args, f"--train.out_dir={out}"]) == 0
+    printed = capsys.readouterr().out
+    assert "encoder:image: finished earlier with the same config and data; skipped" in printed
+    for stage in ("encoder:audio", "phase1"):
+        assert f"{stage}: its config, data or an earlier stage changed" in printed, stage
+
+
+def test_killed_phase1_resumes_exactly(run, tmp_path, monkeypatch):
+    def phase1_again(out: Path, stop: int | None) -> dict[str, torch.Tensor]:
+        shutil.copytree(run["out"], out)
+        shutil.rmtree(out / "phase1")
+        args = [a for a in run["args"] if not a.startswith("--train.out_dir")]
+        args += [f"--train.out_dir={out}", "--train.save_interval=10"]
+        if stop is not None:
+            plain = loop.lr_at
+
+            def lr_at(step, *a, **k):
+                if step + 1 == stop:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return plain(step, *a, **k)
+
+            monkeypatch.setattr(loop, "lr_at", lr_at)
+            assert main(["train", str(RECIPE), *args]) == 0
+            assert not json.loads((out / "phase1" / "stage.json").read_text())["done"]
+            monkeypatch.setattr(loop, "lr_at", plain)
+        assert main(["train", str(RECIPE), *args]) == 0
+        assert json.loads((out / "phase1" / "stage.json").read_text())["done"]
+        return load_file(str(last_ckpt(out / "phase1") / "model.safetensors"))
+
+    straight = phase1_again(tmp_path / "straight", None)
+    resumed = phase1_again(tmp_path / "killed", 15)
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+# ------------------------------------------------------------------------------ bad input
+def fails(argv: list[str], capsys) -> str:
+    assert main(argv) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("stoker: error:"), lines
+    return lines[0]
+
+
+def test_bad_files_are_one_line_errors_naming_the_file(run, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(run["data"], data)
+    args = short(data, tmp_path / "x")
+    (data / "audio.jsonl").unlink()
+    assert "audio.jsonl" in fails(["train", str(RECIPE), *args], capsys)
+    shutil.copy(run["data"] / "audio.jsonl", data / "audio.jsonl")
+    first = json.loads((data / "images.jsonl").read_text().splitlines()[0])["path"]
+    (data / first).write_bytes(b"not a png")
+    assert f"cannot read the image {data / first}" in fails(["train", str(RECIPE), *args], capsys)
+    shutil.copy(run["data"] / first, data / first)
+    err = fails(["train", str(RECIPE), *args, "--data.sample_rate=16000"], capsys)
+    assert "sampled at 22050 Hz, data.sample_rate is 16000" in err
+    err = fails(["train", str(RECIPE), *args, "--multimodal.image.kind=audio_cnn"], capsys)
+    assert "multimodal.image.kind=audio_cnn" in err
+    assert "not a stage" in fails(["train", str(RECIPE), *args, "--multimodal.stage=phase2"],
+                                  capsys)  # fmt: skip
