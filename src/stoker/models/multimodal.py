@@ -210,6 +210,11 @@ class Aligner(nn.Module):
         return {m: self.embed(m, f) for m, f in features.items()}
 
 
+def _one_way(s: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -log(Σ_positives e^s / Σ_all e^s)."""
+    return (s.logsumexp(1) - s.masked_fill(~positive, float("-inf")).logsumexp(1)).mean()
+
+
 def contrastive_loss(
     embeddings: dict[str, torch.Tensor],
     present: dict[str, torch.Tensor] | None,
@@ -238,11 +243,7 @@ def contrastive_loss(
         positive = g[:, None] == g[None, :]  # (n, n), symmetric
         logits = scale * ea @ eb.T  # (n, n): rows a, columns b
 
-        def one_way(s: torch.Tensor) -> torch.Tensor:
-            pos = s.masked_fill(~positive, float("-inf")).logsumexp(1)
-            return (s.logsumexp(1) - pos).mean()
-
-        losses.append((one_way(logits) + one_way(logits.T)) / 2)
+        losses.append((_one_way(logits, positive) + _one_way(logits.T, positive)) / 2)
         with torch.no_grad():
             acc[f"{a}->{b}"] = float((g[logits.argmax(1)] == g).double().mean())
             acc[f"{b}->{a}"] = float((g[logits.argmax(0)] == g).double().mean())

@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from stoker.tasks.dynamo import metrics as M
 from stoker.errors import StokerError
+from stoker.tasks.dynamo import metrics as M
 from stoker.tasks.dynamo.sources import (
     cap,
     load_records,
