@@ -56,6 +56,18 @@ def test_kv_cache_decode_matches_full_forward(arch):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_embeddings_in_place_of_ids_give_the_same_logits(arch):
+    model = _tiny(arch)
+    x = torch.randint(0, 97, (2, 24))
+    emb = model.embed_tokens(x)
+    torch.testing.assert_close(model(None, inputs_embeds=emb), model(x), atol=0, rtol=0)
+    cache = model.new_cache(2, 24)
+    first = model(None, cache, inputs_embeds=emb[:, :10])  # a prefix of embeddings, cached
+    rest = model(x[:, 10:], cache)  # then ids
+    torch.testing.assert_close(torch.cat([first, rest], 1), model(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
 def test_future_tokens_do_not_change_past_logits(arch):
     model = _tiny(arch)
     x = torch.randint(0, 97, (1, 16))

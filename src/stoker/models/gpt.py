@@ -215,9 +215,12 @@ class Decoder(nn.Module):
             return self.drop(x + self.embed_positions(positions)), None
         return self.drop(x), rope_tables(positions, self.config.dim_head, self.config.rope_theta)
 
-    def forward(self, input_ids: torch.Tensor, cache: KVCache | None = None,
+    def forward(self, input_ids: torch.Tensor | None, cache: KVCache | None = None,
                 position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        if inputs_embeds is not None:  # token embeddings given (e.g. with spliced-in features)
+            return self._forward_embeds(inputs_embeds, cache)
         B, T = input_ids.shape
         if position_ids is not None:  # packed rows: their own positions and mask, no cache
             x, rope = self.embed(input_ids, position_ids)  # (B, T, C)
@@ -238,6 +241,23 @@ class Decoder(nn.Module):
         if cache is not None:
             cache.length += T
         return self.lm_head(self.norm(x))  # (B, T, V)
+
+    def _forward_embeds(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
+        """`forward` from token embeddings (B, T, C) instead of ids: positions as for ids."""
+        T, start = x.shape[1], cache.length if cache is not None else 0
+        positions = torch.arange(start, start + T, device=x.device)
+        if self.embed_positions is not None:
+            if start + T > self.config.max_seq_len:
+                raise ValueError(f"{start + T} positions exceed max_seq_len="
+                                 f"{self.config.max_seq_len} of this learned-position model")
+            x, rope = self.drop(x + self.embed_positions(positions)), None
+        else:
+            x, rope = self.drop(x), self._rope_range(start, start + T, x.device)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, cache.layer(i) if cache is not None else None)
+        if cache is not None:
+            cache.length += T
+        return self.lm_head(self.norm(x))
 
     def _rope_range(self, start: int, end: int, device: torch.device) -> Rope:
         """RoPE tables for positions start..end-1, equal to `rope_tables(arange(start, end))`:
