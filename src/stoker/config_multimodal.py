@@ -8,7 +8,8 @@ from typing import Literal
 
 from pydantic import model_validator
 
-from stoker.config import PositiveFloat, PositiveInt, RecipeConfig, Section, Seed
+from stoker.config import ModelConfig, PositiveFloat, PositiveInt, RecipeConfig, Section, Seed
+from stoker.config_finetune import LoRAConfig
 
 MODALITIES = ("image", "audio")
 
@@ -41,6 +42,8 @@ class MultimodalDataConfig(Section):
     audio: str = "audio.jsonl"  # {"path", "label", "split"}
     align_train: str = "align-train.jsonl"  # {"image", "audio", "label"}
     align_test: str = "align-test.jsonl"
+    chat_train: str = "chat-train.jsonl"  # {"messages", "image"?, "audio"?} (phase 2)
+    chat_test: str = "chat-test.jsonl"
     n_classes: PositiveInt = 10  # the encoders' pretraining labels
     sample_rate: PositiveInt = 22050  # audio is checked against this (no resampling)
     audio_seconds: PositiveFloat = 1.0  # clips cropped/padded to this length
@@ -58,13 +61,37 @@ class AlignerConfig(Section):
     eval_interval: PositiveInt = 100
 
 
+class LMConfig(Section):
+    """The language model: a small decoder (models/gpt.py) pretrained here on the described
+    conversations (tasks/multimodal/chat.py `describe`), vocabulary = the words of the data."""
+
+    model: ModelConfig = ModelConfig(n_layer=2, n_head=4, d_model=128, max_seq_len=64)
+    pretrain_steps: PositiveInt = 300
+    lr: PositiveFloat = 3e-3
+
+
+class Phase2Config(Section):
+    """Projectors + missing embeddings (at `lr`) and LoRA on the LM (at `lr · lora_lr_scale`)
+    on the conversations; aligner and encoders frozen."""
+
+    n_tokens: PositiveInt = 4  # soft tokens per modality
+    max_steps: PositiveInt = 300
+    lr: PositiveFloat = 3e-3
+    lora_lr_scale: PositiveFloat = 0.1  # projectors learn from scratch, LoRA adapts
+    eval_interval: PositiveInt = 100
+    max_new_tokens: PositiveInt = 4  # greedy answer length limit
+    pad: Literal["longest", "max"] = "longest"  # dynamic padding, or to lm.model.max_seq_len
+
+
 class MultimodalConfig(Section):
     image: ModalityEncoderConfig | None = ModalityEncoderConfig(kind="image_cnn")
     audio: ModalityEncoderConfig | None = ModalityEncoderConfig(kind="audio_cnn", widths=[16, 32])
     aligner: AlignerConfig = AlignerConfig()
-    phases: list[Literal[1]] = [1]
+    lm: LMConfig = LMConfig()
+    phase2: Phase2Config = Phase2Config()
+    phases: list[Literal[1, 2]] = [1, 2]
     # the stage one `stoker train` runs (set by the recipe itself for each stage's run):
-    # None = all of them in order; encoder:image, encoder:audio, phase1
+    # None = all of them in order; encoder:image, encoder:audio, phase1, lm, phase2
     stage: str | None = None
 
     @property
@@ -85,7 +112,9 @@ class MultimodalConfig(Section):
             if self.encoder(m).kind != want:
                 raise ValueError(f"multimodal.{m}.kind={self.encoder(m).kind} encodes another "
                                  f"modality; use {want}")  # fmt: skip
-        valid = {f"encoder:{m}" for m in self.modalities} | {"phase1", None}
+        if sorted(set(self.phases)) != self.phases:
+            raise ValueError(f"multimodal.phases must be increasing and unique, got {self.phases}")
+        valid = {f"encoder:{m}" for m in self.modalities} | {"phase1", "lm", "phase2", None}
         if self.stage not in valid:
             raise ValueError(f"multimodal.stage={self.stage} is not a stage of this recipe; use "
                              f"one of {', '.join(sorted(s for s in valid if s))}")  # fmt: skip
@@ -98,11 +127,14 @@ class MultimodalRecipeConfig(RecipeConfig):
 
     recipe: Literal["multimodal"] = "multimodal"  # type: ignore[assignment]
     data: MultimodalDataConfig = MultimodalDataConfig()  # type: ignore[assignment]
+    lora: LoRAConfig = LoRAConfig(targets=["q_proj", "k_proj", "v_proj", "o_proj"])
     multimodal: MultimodalConfig = MultimodalConfig()
 
 
 __all__ = [
     "AlignerConfig",
+    "LMConfig",
+    "Phase2Config",
     "ModalityEncoderConfig",
     "MultimodalConfig",
     "MultimodalDataConfig",

@@ -73,7 +73,7 @@ def test_phase1_checkpoint_holds_the_aligner_only_and_encoders_stay_frozen(run):
         saved = load_file(str(last_ckpt(run["out"] / f"encoder-{m}") / "model.safetensors"))
         now = enc.state_dict()
         assert all(torch.equal(now[k], saved[k]) for k in saved), m  # bitwise, after phase 1
-        assert meta["encoders"][m] == tensors_hash(enc)
+        assert meta["frozen"][f"encoder:{m}"] == tensors_hash(enc)
 
 
 def test_rerun_skips_and_a_changed_encoder_retrains_what_depends_on_it(run, tmp_path, capsys):

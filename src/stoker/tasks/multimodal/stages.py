@@ -1,10 +1,13 @@
-"""The multimodal recipe's stages (train/stages.py): `encoder:<modality>` for each modality
-(its encoder pretrained as a classifier on its labelled files), then `phase1` (the aligner
-over the frozen encoders), in `<train.out_dir>/encoder-<modality>/` and `phase1/`.
+"""The multimodal recipe's stages (train/stages.py): phase 1 is `encoder:<modality>` for each
+modality (its encoder pretrained as a classifier on its labelled files) then `phase1` (the
+aligner over the frozen encoders); phase 2 is `lm` (the small decoder pretrained on the
+described conversations) then `phase2` (projectors, missing embeddings and LoRA); each in
+`<train.out_dir>/<stage with - for :>/`.
 
 An encoder stage's fingerprint covers its own section, the data settings, its labelled file
 and every file that file names (their bytes), and the loop's settings; phase 1 covers both
-encoders' fingerprints, the aligner section and the alignment files with theirs.
+encoders' fingerprints, the aligner section and the alignment files with theirs; `lm` its
+section and the conversation and label files; phase 2 all of them and its own sections.
 """
 
 from __future__ import annotations
@@ -17,12 +20,12 @@ from stoker.train.stages import Stage, file_hash, fingerprint, loop_settings
 ENCODER = "encoder:"
 
 
-def _files_hash(path: Path, keys: tuple[str, ...]) -> str:
-    """The JSONL file's hash and those of the files its rows name under `keys`."""
+def _files_hash(path: Path, required: tuple[str, ...]) -> str:
+    """The JSONL file's hash and those of the files its rows name (`path`, `image`, `audio`)."""
     from stoker.tasks.multimodal.data import read_rows
 
-    rows = read_rows(path, keys)
-    named = sorted({r[k] for r in rows for k in keys if k in ("path", "image", "audio")})
+    rows = read_rows(path, required)
+    named = sorted({r[k] for r in rows for k in ("path", "image", "audio") if r.get(k)})
     return fingerprint(file_hash(path), [(n, file_hash(path.parent / n)) for n in named])
 
 
@@ -41,6 +44,13 @@ def fingerprints(cfg) -> dict[str, str]:
              for f in (cfg.data.align_train, cfg.data.align_test)]  # fmt: skip
     out["phase1"] = fingerprint(common, [out[f"{ENCODER}{m}"] for m in mm.modalities],
                                 mm.aligner.model_dump(mode="json"), align)  # fmt: skip
+    labels = [file_hash(data_path(cfg, f)) for f in (cfg.data.images, cfg.data.audio)]
+    chats = [_files_hash(data_path(cfg, f), ("messages",))
+             for f in (cfg.data.chat_train, cfg.data.chat_test)]  # fmt: skip
+    out["lm"] = fingerprint(common, mm.lm.model_dump(mode="json"), labels, chats)
+    out["phase2"] = fingerprint(common, out["phase1"], out["lm"], chats,
+                                mm.phase2.model_dump(mode="json"),
+                                cfg.lora.model_dump(mode="json"))  # fmt: skip
     return out
 
 
@@ -51,9 +61,14 @@ def _stage_cfg(cfg, stage: str, root: Path) -> Any:
     if stage.startswith(ENCODER):
         enc = mm.encoder(stage[len(ENCODER) :])
         steps, lr, interval = enc.pretrain_steps, enc.lr, enc.pretrain_steps
-    else:
+    elif stage == "phase1":
         a = mm.aligner
         steps, lr, interval = a.max_steps, a.lr, a.eval_interval
+    elif stage == "lm":
+        steps, lr, interval = mm.lm.pretrain_steps, mm.lm.lr, mm.lm.pretrain_steps
+    else:
+        p = mm.phase2
+        steps, lr, interval = p.max_steps, p.lr, p.eval_interval
     data = cfg.model_dump(mode="json")
     data["train"] |= {"out_dir": str(root / stage.replace(":", "-")), "max_steps": steps,
                       "eval_interval": min(interval, steps), "resume": "auto"}  # fmt: skip
@@ -72,6 +87,11 @@ def check_files(cfg) -> None:
             md.labelled(cfg, m, split)
     for split in ("train", "test"):
         md.pairs(cfg, split)
+    if 2 in cfg.multimodal.phases:
+        from stoker.tasks.multimodal import lm
+
+        for split in ("train", "test"):
+            lm.conversations(cfg, split)
 
 
 def plan(cfg) -> list[Stage]:
@@ -82,7 +102,11 @@ def plan(cfg) -> list[Stage]:
                           "resumes in its own directory); use auto, or never to retrain all")  # fmt: skip
     root, fps = Path(cfg.train.out_dir), fingerprints(cfg)
     check_files(cfg)
-    names = [f"{ENCODER}{m}" for m in cfg.multimodal.modalities] + ["phase1"]
+    names = []
+    if 1 in cfg.multimodal.phases:
+        names += [f"{ENCODER}{m}" for m in cfg.multimodal.modalities] + ["phase1"]
+    if 2 in cfg.multimodal.phases:
+        names += ["lm", "phase2"]
     stages = [Stage(n, _stage_cfg(cfg, n, root), fps[n]) for n in names]
     for s in stages:
         s.fresh = cfg.train.resume == "never"

@@ -11,6 +11,10 @@ them, each one run of train/loop.py in its own directory under the recipe's `tra
   set). It reports image->audio and audio->image retrieval accuracy over the whole held-out
   pair set (a retrieval is right when the nearest item shows the same digit; chance 1 / the
   number of classes). Its checkpoint holds the aligner only, with the encoders' hashes.
+- `lm` pretrains the small decoder on the described conversations, `phase2` trains the
+  projectors, missing embeddings and LoRA (lm.py); loss on answer tokens only, summed over
+  them (the loop divides by the step's count). Phase 2's checkpoint holds its trainable
+  tensors only (no frozen encoder, aligner or LM weight), with hashes of the frozen parts.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from stoker.errors import StokerError
 from stoker.models.multimodal import Aligner, build_modality_encoder, contrastive_loss, freeze
 from stoker.tasks.base import Task, sum_over_ranks
 from stoker.tasks.multimodal import data as md
+from stoker.tasks.multimodal import lm
 from stoker.tasks.multimodal.stages import ENCODER
 
 
@@ -69,12 +74,6 @@ def encoder_checkpoint(cfg, modality: str) -> Path:
     return ckpt
 
 
-def read_tensors(ckpt: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(ckpt / "model.safetensors"))
-
-
 class AlignModel(nn.Module):
     """Frozen encoders (features pooled) and the trainable aligner."""
 
@@ -90,10 +89,12 @@ class AlignModel(nn.Module):
 
 
 def build_align_model(cfg) -> AlignModel:
+    from stoker.train.checkpoint import load_weights
+
     encoders = {}
     for m in cfg.multimodal.modalities:
         enc = build_encoder(cfg, m)
-        enc.load_state_dict(read_tensors(encoder_checkpoint(cfg, m)))
+        load_weights(enc, encoder_checkpoint(cfg, m))
         encoders[m] = freeze(enc)
     return AlignModel(encoders, cfg.multimodal.aligner.dim)
 
@@ -103,10 +104,13 @@ class MultimodalTask(Task):
 
     def __init__(self, cfg, info, resolve: bool = True):
         super().__init__(cfg, info, resolve)
-        stage = cfg.multimodal.stage
-        self.modality = stage[len(ENCODER) :] if stage and stage.startswith(ENCODER) else None
-        self.metrics = ({"accuracy": "max", "val_loss": "min"} if self.modality else
-                        {"retrieval": "max", "val_loss": "min"})  # fmt: skip
+        stage = cfg.multimodal.stage or "phase1"
+        self.modality = stage[len(ENCODER) :] if stage.startswith(ENCODER) else None
+        self.kind = "encoder" if self.modality else stage  # encoder | phase1 | lm | phase2
+        self.metrics = {"encoder": {"accuracy": "max", "val_loss": "min"},
+                        "phase1": {"retrieval": "max", "val_loss": "min"},
+                        "lm": {"exact_match": "max", "val_loss": "min"},
+                        "phase2": {"exact_match": "max", "val_loss": "min"}}[self.kind]  # fmt: skip
         self.val: Any = None
         self.hashes: dict[str, str] = {}
 
@@ -125,7 +129,9 @@ class MultimodalTask(Task):
         """Every rank reads the (small) files into memory; here: that they are readable."""
         if self.modality:
             return {"train": len(md.labelled(self.cfg, self.modality, "train").y)}
-        return {"pairs": len(md.pairs(self.cfg, "train").label)}
+        if self.kind == "phase1":
+            return {"pairs": len(md.pairs(self.cfg, "train").label)}
+        return {"conversations": len(lm.records(self.cfg, "train"))}
 
     def open_data(self) -> None:
         cfg, n = self.cfg, self.cfg.data.eval_examples
@@ -134,10 +140,19 @@ class MultimodalTask(Task):
             test = md.labelled(cfg, self.modality, "test")
             tensors = {"x": train.x, "y": train.y}
             self.val = md.Labelled(test.x[:n], test.y[:n])
-        else:
+        elif self.kind == "phase1":
             train, test = md.pairs(cfg, "train"), md.pairs(cfg, "test")
             tensors = {"image": train.image, "audio": train.audio, "label": train.label}
             self.val = md.Pairs(test.image[:n], test.audio[:n], test.label[:n])
+        else:
+            media = self.kind == "phase2"
+            conv = lm.conversations(cfg, "train", media)
+            self.val = lm.conversations(cfg, "test", media)
+            length = cfg.multimodal.lm.model.max_seq_len if cfg.multimodal.phase2.pad == "max" \
+                else None  # fmt: skip
+            self.train_data = lm.ChatBatches(conv, cfg.train.batch_size, cfg.data.seed,
+                                             lm.tokenizer(cfg).pad_id, length)  # fmt: skip
+            return
         self.train_data = md.Batches(tensors, cfg.train.batch_size, cfg.data.seed)
 
     # ----------------------------------------------------------------------------- model
@@ -146,32 +161,65 @@ class MultimodalTask(Task):
 
         if self.modality:
             return build_encoder(self.cfg, self.modality).to(device)
-        model = build_align_model(self.cfg)
-        self.hashes = {m: tensors_hash(e) for m, e in model.encoders.items()}
+        if self.kind == "lm":
+            return lm.build_lm(self.cfg).to(device)
+        model = build_align_model(self.cfg) if self.kind == "phase1" else lm.build_mm(self.cfg)
+        self.hashes = {f"encoder:{m}": tensors_hash(e) for m, e in model.encoders.items()}
+        if self.kind == "phase2":
+            frozen = {n: p for n, p in model.lm.named_parameters() if not p.requires_grad}
+            self.hashes |= {"aligner": tensors_hash(model.aligner),
+                            "lm": tensors_hash(_Tensors(frozen))}  # fmt: skip
         save_trainable_only(model)
         return model.to(device)
 
+    def train_mode(self, model: nn.Module) -> None:
+        model.train()  # frozen encoders and aligner stay in eval (models/multimodal.freeze)
+
+    def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
+        """Phase 2: projectors and missing embeddings at the phase's LR, LoRA factors at
+        `lora_lr_scale` of it (no weight decay on either); otherwise the default groups."""
+        if self.kind != "phase2":
+            return super().param_groups(model)
+        lora, rest = [], []
+        for n, p in model.named_parameters():
+            if p.requires_grad:
+                (lora if n.endswith((".lora_A", ".lora_B")) else rest).append(p)
+        scale = self.cfg.multimodal.phase2.lora_lr_scale
+        return [{"params": rest, "weight_decay": 0.0},
+                {"params": lora, "weight_decay": 0.0, "lr_scale": scale}]  # fmt: skip
+
     def flops_per_token(self) -> float:
-        return 0.0  # not a token model: MFU is not reported
+        return 0.0  # small CNNs and LM: MFU is not reported
 
     # ------------------------------------------------------------------------------ step
     def to_device(self, batch, device: torch.device):
         return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
     def count(self, batch) -> int:
-        return int(len(batch["y"])) if self.modality else 1  # phase 1: one contrast set
+        if self.modality:
+            return int(len(batch["y"]))
+        if self.kind == "phase1":
+            return 1  # one contrast set
+        return int((batch["labels"][:, 1:] != -100).sum())
 
     def tokens(self, batch) -> int:
+        if self.kind in ("lm", "phase2"):
+            return int((batch["input_ids"] != lm.tokenizer(self.cfg).pad_id).sum())
         return int(len(batch["y" if self.modality else "label"]))  # items
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        from stoker.models.gpt import lm_loss_sum
+
         if self.modality:
             return F.cross_entropy(model(batch["x"]).float(), batch["y"], reduction="sum"), None
-        from stoker.train.distributed import unwrap
+        if self.kind == "phase1":
+            from stoker.train.distributed import unwrap
 
-        emb = model({m: batch[m] for m in self.cfg.multimodal.modalities})
-        loss, _ = contrastive_loss(emb, None, unwrap(model).aligner.scale(), batch["label"])
-        return loss, None
+            emb = model({m: batch[m] for m in self.cfg.multimodal.modalities})
+            loss, _ = contrastive_loss(emb, None, unwrap(model).aligner.scale(), batch["label"])
+            return loss, None
+        logits = model(batch["input_ids"]) if self.kind == "lm" else model(batch)
+        return lm_loss_sum(logits[:, :-1], batch["labels"][:, 1:])[0], None
 
     # ------------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -182,6 +230,8 @@ class MultimodalTask(Task):
         m.eval()
         try:
             with amp:
+                if self.kind in ("lm", "phase2"):
+                    return self._answers(m)
                 return self._classify(m) if self.modality else self._retrieval(m)
         finally:
             self.train_mode(model)
@@ -217,17 +267,54 @@ class MultimodalTask(Task):
         result["retrieval"] = 100.0 * min(acc.values())  # the weaker direction
         return result
 
+    def _answers(self, m: nn.Module) -> dict[str, float]:
+        """val_loss on the held-out conversations, greedy exact match per instruction type;
+        phase 2 also with each modality replaced by its missing embedding."""
+        from stoker.models.gpt import lm_loss_sum
+
+        device, tok = next(m.parameters()).device, lm.tokenizer(self.cfg)
+        n = min(self.cfg.data.eval_examples, len(self.val.samples))
+        total, count = 0.0, 0
+        for s in self._chunks(n):
+            b = lm.select(self.val, list(range(n))[s], tok.pad_id, None)
+            b = {k: v.to(device) for k, v in b.items()}
+            logits = m(b["input_ids"]) if self.kind == "lm" else m(b)
+            t, c = lm_loss_sum(logits[:, :-1], b["labels"][:, 1:])
+            total, count = total + float(t), count + int(c)
+        max_new = self.cfg.multimodal.phase2.max_new_tokens
+        em = lm.exact_match(m, self.val, tok, max_new, n)
+        result = {"val_loss": total / max(count, 1), "exact_match": em.pop("all")}
+        result |= {f"em_{k}": v for k, v in em.items()}
+        if self.kind == "phase2":
+            for mod in self.cfg.multimodal.modalities:
+                off = lm.exact_match(m, self.val, tok, max_new, n, frozenset({mod}))
+                result |= {f"em_{k}_without_{mod}": v for k, v in off.items() if k != "all"}
+        return result
+
     # ------------------------------------------------------------------------ checkpoint
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"encoders": self.hashes} if self.hashes else {}
+        return {"frozen": self.hashes} if self.hashes else {}
 
     @classmethod
     def load_trained(cls, cfg, ckpt: Path, device: torch.device) -> nn.Module:
+        from stoker.train.checkpoint import load_weights, save_trainable_only
+
         stage = cfg.multimodal.stage or "phase1"
         if stage.startswith(ENCODER):
             model = build_encoder(cfg, stage[len(ENCODER) :])
-            model.load_state_dict(read_tensors(ckpt))
-            return model.to(device).eval()
-        model = build_align_model(cfg)
-        model.load_state_dict(read_tensors(ckpt), strict=False)
+        elif stage == "lm":
+            model = lm.build_lm(cfg)
+        else:
+            model = build_align_model(cfg) if stage == "phase1" else lm.build_mm(cfg)
+            save_trainable_only(model)
+        load_weights(model, ckpt)
         return model.to(device).eval()
+
+
+class _Tensors(nn.Module):
+    """A module holding `tensors` as buffers (to hash a set of frozen parameters)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        super().__init__()
+        for i, (name, t) in enumerate(sorted(tensors.items())):
+            self.register_buffer(f"t{i}_{name.replace('.', '_')}", t.detach())

@@ -1,0 +1,97 @@
+"""Phase 2's model: frozen encoders and aligner, a projector per modality into the language
+model's hidden size, a learned missing-modality embedding per modality, and a decoder LM
+(models/gpt.py) with LoRA adapters.
+
+- `Projector` (LLaVA's `mlp2x_gelu`, Liu et al. 2023): Linear -> GELU -> Linear. A pooled
+  feature (B, D) becomes `n_tokens` soft tokens (B, N, C) (the second linear gives N·C); a
+  feature sequence (B, L, D) becomes one token per item (B, L, C).
+- Splicing (LLaVA / nanoVLM): the ids hold `n_tokens` placeholder ids per modality slot
+  (tasks/multimodal/chat.py); their embeddings are replaced in place by the projector's tokens
+  for samples that have that modality and by the missing embedding (N, C) for those that do
+  not — chosen per sample from `has_<modality>`, never per batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+
+class Projector(nn.Module):
+    def __init__(self, in_dim: int, hidden: int, n_tokens: int, sequence: bool = False):
+        super().__init__()
+        self.n_tokens, self.hidden, self.sequence = n_tokens, hidden, sequence
+        out = hidden if sequence else hidden * n_tokens
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.sequence:
+            return self.net(x)  # (B, L, C)
+        return self.net(x).view(len(x), self.n_tokens, self.hidden)  # (B, N, C)
+
+
+class MultimodalLM(nn.Module):
+    """`encoders` and `aligner` frozen by the caller; `lm` a Decoder (LoRA applied by the
+    caller); `tag_ids` the placeholder id of each modality."""
+
+    def __init__(self, encoders: nn.ModuleDict, aligner: nn.Module, lm: nn.Module,
+                 tag_ids: dict[str, int], n_tokens: int):  # fmt: skip
+        super().__init__()
+        self.encoders, self.aligner, self.lm = encoders, aligner, lm
+        self.tag_ids, self.n_tokens = dict(tag_ids), n_tokens
+        C = lm.config.d_model
+        self.projectors = nn.ModuleDict(
+            {m: Projector(aligner.dim, C, n_tokens) for m in encoders}
+        )
+        self.missing = nn.ParameterDict(
+            {m: nn.Parameter(torch.randn(n_tokens, C) * lm.config.init_std) for m in encoders}
+        )
+
+    def modality_tokens(self, batch: dict[str, torch.Tensor], drop: frozenset[str] = frozenset()
+                        ) -> dict[str, torch.Tensor]:  # fmt: skip
+        """(B, N, C) per modality: projected features where the sample has the modality (and
+        it is not in `drop`), else the missing embedding."""
+        out = {}
+        for m, enc in self.encoders.items():
+            has = batch[f"has_{m}"].bool()
+            if m in drop:
+                has = torch.zeros_like(has)
+            with torch.no_grad():
+                emb = self.aligner.embed(m, enc.features(batch[m]))  # (B, D), frozen
+            tokens = self.projectors[m](emb)  # (B, N, C)
+            missing = self.missing[m].to(tokens.dtype)[None].expand_as(tokens)
+            out[m] = torch.where(has[:, None, None], tokens, missing)
+        return out
+
+    def embed(self, batch: dict[str, torch.Tensor], drop: frozenset[str] = frozenset()
+              ) -> torch.Tensor:  # fmt: skip
+        """The LM's input embeddings (B, T, C) with every slot filled."""
+        ids = batch["input_ids"]
+        x = self.lm.embed_tokens(ids)
+        for m, tokens in self.modality_tokens(batch, drop).items():
+            slot = ids == self.tag_ids[m]  # (B, T): n_tokens positions in every row
+            if not bool((slot.sum(1) == self.n_tokens).all()):
+                raise ValueError(f"every row needs {self.n_tokens} {m} placeholder positions")
+            x = x.masked_scatter(slot[..., None], tokens.to(x.dtype))
+        return x
+
+    def forward(self, batch: dict[str, torch.Tensor], drop: frozenset[str] = frozenset()
+                ) -> torch.Tensor:  # fmt: skip
+        return self.lm(None, inputs_embeds=self.embed(batch, drop))  # (B, T, V)
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, torch.Tensor], prompt_len: int, max_new_tokens: int,
+                 end_id: int, drop: frozenset[str] = frozenset()) -> list[int]:  # fmt: skip
+        """Greedy answer of the single sample in `batch` (its first `prompt_len` ids)."""
+        prompt = {k: v[:1] for k, v in batch.items()}
+        prompt["input_ids"] = prompt["input_ids"][:, :prompt_len]
+        cache = self.lm.new_cache(1, prompt_len + max_new_tokens)
+        logits = self.lm(None, cache, inputs_embeds=self.embed(prompt, drop))
+        out: list[int] = []
+        for _ in range(max_new_tokens):
+            nxt = int(logits[0, -1].argmax())
+            if nxt == end_id:
+                break
+            out.append(nxt)
+            logits = self.lm(torch.tensor([[nxt]], device=logits.device), cache)
+        return out
