@@ -1,7 +1,8 @@
 """The multimodal recipe end to end on the digits task (recipes/multimodal/digits.yaml,
-shortened): the encoder stages and phase 1 through the one loop; frozen encoders bitwise
-unchanged by phase 1 (BatchNorm statistics too); a phase-1 checkpoint that holds the aligner
-only; exact resume of a killed phase 1; skip/retrain bookkeeping; one-line errors."""
+shortened): the encoder stages, phase 1, the LM and phase 2 through the one loop; frozen
+encoders bitwise unchanged by phase 1 (BatchNorm statistics too); checkpoints that hold the
+trainable tensors only; exact resume of killed phases 1 and 2; skip/retrain bookkeeping;
+one-line errors."""
 
 from __future__ import annotations
 
@@ -23,9 +24,11 @@ RECIPE = ROOT / "recipes" / "multimodal" / "digits.yaml"
 
 
 def short(data: Path, out: Path) -> list[str]:
-    return [f"--data.dir={data}", f"--train.out_dir={out}", "--data.eval_examples=100",
+    return [f"--data.dir={data}", f"--train.out_dir={out}",
             "--multimodal.image.pretrain_steps=30", "--multimodal.audio.pretrain_steps=40",
             "--multimodal.aligner.max_steps=40", "--multimodal.aligner.eval_interval=20",
+            "--multimodal.lm.pretrain_steps=40", "--multimodal.phase2.max_steps=12",
+            "--multimodal.phase2.eval_interval=12", "--data.eval_examples=40",
             "--train.batch_size=32", "--train.micro_batch_size=16",
             "--train.monitor_interval=0"]  # fmt: skip
 
@@ -48,7 +51,7 @@ def evals(stage_dir: Path) -> list[dict]:
 
 
 def test_encoders_learn_their_labels_and_the_aligner_retrieves(run):
-    for stage in ("encoder-image", "encoder-audio", "phase1"):
+    for stage in ("encoder-image", "encoder-audio", "phase1", "lm", "phase2"):
         assert json.loads((run["out"] / stage / "stage.json").read_text())["done"], stage
     # far above chance (10%) on held-out images and unseen voices, even this short
     assert evals(run["out"] / "encoder-image")[-1]["accuracy"] > 50
@@ -81,21 +84,25 @@ def test_rerun_skips_and_a_changed_encoder_retrains_what_depends_on_it(run, tmp_
     shutil.copytree(run["out"], out)
     args = [a for a in run["args"] if not a.startswith("--train.out_dir")]
     assert main(["train", str(RECIPE), *args, f"--train.out_dir={out}"]) == 0
-    assert capsys.readouterr().out.count("skipped") == 3
+    assert capsys.readouterr().out.count("skipped") == 5
     args += ["--multimodal.audio.pretrain_steps=41"]
     assert main(["train", str(RECIPE), *args, f"--train.out_dir={out}"]) == 0
     printed = capsys.readouterr().out
     assert "encoder:image: finished earlier with the same config and data; skipped" in printed
-    for stage in ("encoder:audio", "phase1"):
+    assert "lm: finished earlier with the same config and data; skipped" in printed
+    for stage in ("encoder:audio", "phase1", "phase2"):
         assert f"{stage}: its config, data or an earlier stage changed" in printed, stage
 
 
-def test_killed_phase1_resumes_exactly(run, tmp_path, monkeypatch):
-    def phase1_again(out: Path, stop: int | None) -> dict[str, torch.Tensor]:
+@pytest.mark.parametrize("stage, stop", [("phase1", 15), ("phase2", 5)])
+def test_a_killed_phase_resumes_exactly(run, tmp_path, monkeypatch, stage, stop):
+    def again(out: Path, stop: int | None) -> dict[str, torch.Tensor]:
         shutil.copytree(run["out"], out)
-        shutil.rmtree(out / "phase1")
+        shutil.rmtree(out / stage)
+        if stage == "phase1":
+            shutil.rmtree(out / "phase2")
         args = [a for a in run["args"] if not a.startswith("--train.out_dir")]
-        args += [f"--train.out_dir={out}", "--train.save_interval=10"]
+        args += [f"--train.out_dir={out}", "--train.save_interval=4"]
         if stop is not None:
             plain = loop.lr_at
 
@@ -106,16 +113,32 @@ def test_killed_phase1_resumes_exactly(run, tmp_path, monkeypatch):
 
             monkeypatch.setattr(loop, "lr_at", lr_at)
             assert main(["train", str(RECIPE), *args]) == 0
-            assert not json.loads((out / "phase1" / "stage.json").read_text())["done"]
+            assert not json.loads((out / stage / "stage.json").read_text())["done"]
             monkeypatch.setattr(loop, "lr_at", plain)
         assert main(["train", str(RECIPE), *args]) == 0
-        assert json.loads((out / "phase1" / "stage.json").read_text())["done"]
-        return load_file(str(last_ckpt(out / "phase1") / "model.safetensors"))
+        assert json.loads((out / stage / "stage.json").read_text())["done"]
+        return load_file(str(last_ckpt(out / stage) / "model.safetensors"))
 
-    straight = phase1_again(tmp_path / "straight", None)
-    resumed = phase1_again(tmp_path / "killed", 15)
+    straight = again(tmp_path / "straight", None)
+    resumed = again(tmp_path / "killed", stop)
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+def test_phase2_checkpoint_holds_no_frozen_tensor_and_reads_the_projected_tokens(run):
+    tensors = load_file(str(last_ckpt(run["out"] / "phase2") / "model.safetensors"))
+    kinds = {k.split(".")[0] for k in tensors}
+    assert kinds == {"projectors", "missing", "lm"}, kinds
+    assert all(k.endswith((".lora_A", ".lora_B")) for k in tensors if k.startswith("lm."))
+    size = (last_ckpt(run["out"] / "phase2") / "model.safetensors").stat().st_size
+    lm_size = (last_ckpt(run["out"] / "lm") / "model.safetensors").stat().st_size
+    assert size < lm_size / 2  # no copy of the frozen LM, encoders or aligner
+    meta = json.loads((last_ckpt(run["out"] / "phase2") / "stoker.json").read_text())
+    assert set(meta["frozen"]) == {"encoder:image", "encoder:audio", "aligner", "lm"}
+    row = evals(run["out"] / "phase2")[-1]
+    for key in ("exact_match", "em_image", "em_audio", "em_same", "em_sum",
+                "em_image_without_image", "em_audio_without_audio"):
+        assert 0 <= row[key] <= 100, key
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -141,5 +164,11 @@ def test_bad_files_are_one_line_errors_naming_the_file(run, tmp_path, capsys):
     assert "sampled at 22050 Hz, data.sample_rate is 16000" in err
     err = fails(["train", str(RECIPE), *args, "--multimodal.image.kind=audio_cnn"], capsys)
     assert "multimodal.image.kind=audio_cnn" in err
-    assert "not a stage" in fails(["train", str(RECIPE), *args, "--multimodal.stage=phase2"],
+    assert "not a stage" in fails(["train", str(RECIPE), *args, "--multimodal.stage=phase3"],
                                   capsys)  # fmt: skip
+    lines = (data / "chat-train.jsonl").read_text().splitlines()
+    bad = json.loads(lines[0])
+    bad.pop("image", None), bad.pop("audio", None)
+    (data / "chat-train.jsonl").write_text("\n".join([json.dumps(bad), *lines[1:]]) + "\n")
+    err = fails(["train", str(RECIPE), *args], capsys)
+    assert "chat-train.jsonl line 1: the user turn has <" in err and "but the sample has no" in err
