@@ -345,6 +345,21 @@ def test_stdlib_functions_round_trip_to_code_that_parses(code_tok, qualname):
     assert skeleton(back) == skeleton(textwrap.dedent(code))
 
 
+def test_a_round_tripped_reference_body_completes_its_prompt(code_tok, dynamo_data):
+    """What evaluation scores: decoded bodies (dedented, as trained) indented back as the
+    prompt's function body parse with it, as the references do."""
+    import json
+
+    from stoker.tasks.dynamo.evaluate import as_body
+    from stoker.tasks.dynamo.metrics import completes
+
+    rows = [json.loads(line) for line in (dynamo_data / "code.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if r["origin"].startswith("stdlib:")][:200]
+    ok = [completes(r["source"], as_body(round_trip(code_tok, r["target"]))) for r in rows]
+    bad = [r["origin"] for r, o in zip(rows, ok, strict=True) if not o]
+    assert sum(ok) >= 0.97 * len(rows), bad[:5]
+
+
 def test_methods_are_dedented(code_tok):
     code = inspect.getsource(shlex.shlex.push_token)  # indented in its class
     assert skeleton(round_trip(code_tok, code)) == skeleton(textwrap.dedent(code))

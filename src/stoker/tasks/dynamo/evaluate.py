@@ -131,7 +131,15 @@ def generate_texts(m: DynamoModel, task, k: int, records: list[dict], mode: str)
     decoded = [
         task.tokenizer.decode(ids) for ids in out
     ]  # code tokens are kept (added, not special)
-    return [text_to_code(s) if t.code else s for s in decoded]
+    return [as_body(text_to_code(s)) if t.code else s for s in decoded]
+
+
+def as_body(code: str) -> str:
+    """Generated code (trained on dedented bodies, seq2seq.code_to_text) indented one level,
+    as the body of the prompt's top-level function and as the references are written."""
+    import textwrap
+
+    return textwrap.indent(code, "    ")
 
 
 def _one_per_record(features: list[dict]) -> list[dict]:
