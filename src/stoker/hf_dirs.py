@@ -161,6 +161,10 @@ def export_hf_command(args) -> int:
         from stoker.tasks.dynamo.export import export_command
 
         return export_command(args)
+    from stoker.tasks.multimodal import cli as mm
+
+    if mm.run_config(args.path) is not None:  # encoders + aligner, self-describing files
+        return mm.export_command(args)
     out = export_hf(args.path, args.out, getattr(args, "adapter", False))
     if getattr(args, "adapter", False):
         base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]

@@ -87,6 +87,10 @@ def eval_command(args) -> int:
 
     if run_config(args.path) is not None:  # a DYNAMO run: its table of tasks × routings
         return dynamo_eval(args)
+    from stoker.tasks.multimodal import cli as mm
+
+    if mm.run_config(args.path) is not None:  # a multimodal run: each stage's held-out metrics
+        return mm.eval_command(args)
     device = getattr(args, "device", "auto")
     result = evaluate_checkpoint(
         args.path,

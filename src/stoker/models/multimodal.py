@@ -24,9 +24,11 @@ registry keyed by kind), freezing, and the contrastive aligner with its loss.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable, Sequence
 from itertools import combinations
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -250,3 +252,51 @@ def contrastive_loss(
     if not losses:  # zero, joined to every input so that backward still reaches them
         return sum(e.sum() for e in embeddings.values()) * 0.0 + scale * 0.0, acc
     return torch.stack(losses).mean(), acc
+
+
+# ------------------------------------------------------------------------------ files
+FILE_FORMAT, FILE_VERSION = "stoker-multimodal", 1
+
+
+def save_module(path: Path, module: nn.Module, what: str, describe: dict) -> None:
+    """One safetensors file that rebuilds itself: the tensors, and in its metadata the format,
+    version, what it is (`encoder` | `aligner`) and what builds it (`describe`: the encoder's
+    kind and options, or the aligner's dims, dim and encoder kinds). Written atomically."""
+    from safetensors.torch import save_file
+
+    meta = {"format": FILE_FORMAT, "version": str(FILE_VERSION), "what": what,
+            "describe": json.dumps(describe, sort_keys=True)}  # fmt: skip
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_module(path: Path) -> tuple[nn.Module, dict]:
+    """(the module `save_module` wrote, its description), in eval mode; one-line errors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+    except (OSError, SafetensorError) as e:
+        raise StokerError(f"cannot read {path}: {e}") from None
+    if meta.get("format") != FILE_FORMAT:
+        raise StokerError(f"{path} is not a stoker multimodal file (format "
+                          f"{meta.get('format')!r}); write it with save_module")  # fmt: skip
+    if meta.get("version") != str(FILE_VERSION):
+        raise StokerError(f"{path} has format version {meta.get('version')}; this stoker "
+                          f"reads version {FILE_VERSION}")  # fmt: skip
+    describe = json.loads(meta.get("describe", "{}"))
+    if meta.get("what") == "encoder":
+        module: nn.Module = build_modality_encoder(describe["kind"], **describe["options"])
+    elif meta.get("what") == "aligner":
+        module = Aligner(describe["dims"], describe["dim"])
+    else:
+        raise StokerError(f"{path} holds a {meta.get('what')!r}; known: encoder, aligner")
+    try:
+        module.load_state_dict(tensors)
+    except RuntimeError as e:
+        raise StokerError(f"{path}: tensors do not fit its description ({str(e)[:200]})") from None
+    return module.eval(), describe

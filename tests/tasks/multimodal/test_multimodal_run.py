@@ -172,3 +172,42 @@ def test_bad_files_are_one_line_errors_naming_the_file(run, tmp_path, capsys):
     (data / "chat-train.jsonl").write_text("\n".join([json.dumps(bad), *lines[1:]]) + "\n")
     err = fails(["train", str(RECIPE), *args], capsys)
     assert "chat-train.jsonl line 1: the user turn has <" in err and "but the sample has no" in err
+
+
+def test_eval_reproduces_each_stages_last_evaluation(run, capsys):
+    assert main(["eval", str(run["out"]), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert list(result) == ["encoder:image", "encoder:audio", "phase1", "lm", "phase2"]
+    for stage, metrics in result.items():
+        logged = evals(run["out"] / stage.replace(":", "-"))[-1]
+        for k, v in metrics.items():
+            assert v == pytest.approx(logged[k], abs=1e-6), (stage, k)
+
+
+def test_export_writes_self_describing_files_that_rebuild_the_models(run, tmp_path, capsys):
+    from stoker.config import load_config
+    from stoker.models.multimodal import load_module
+    from stoker.tasks.multimodal.task import MultimodalTask
+
+    out = tmp_path / "export"
+    assert main(["export-hf", str(run["out"]), str(out)]) == 0
+    cfg = load_config(str(run["out"] / "phase1" / "config.yaml"))
+    trained = MultimodalTask.load_trained(cfg, last_ckpt(run["out"] / "phase1"),
+                                          torch.device("cpu"))  # fmt: skip
+    aligner, about = load_module(out / "aligner.safetensors")
+    assert about["encoders"] == {"image": "image_cnn", "audio": "audio_cnn"}
+    x = {"image": torch.rand(3, 1, 8, 8), "audio": torch.randn(3, 22050) * 0.1}
+    with torch.no_grad():
+        want = trained(x)
+        feats = {}
+        for m in ("image", "audio"):
+            enc, _ = load_module(out / f"encoder-{m}.safetensors")
+            feats[m] = enc.features(x[m])
+        got = aligner(feats)
+    for m in want:
+        torch.testing.assert_close(got[m], want[m], atol=0, rtol=0)
+    (tmp_path / "bad.safetensors").write_bytes(b"nope")
+    from stoker.errors import StokerError
+
+    with pytest.raises(StokerError, match="cannot read"):
+        load_module(tmp_path / "bad.safetensors")
