@@ -4,7 +4,7 @@ A recipe is data: a YAML file validated by the pydantic models below. Unknown ke
 types and out-of-range values are `StokerError`s whose one-line message names the key (and the
 nearest valid one, or the range), so the CLI can exit 2 without a traceback. Every number has
 a range: sizes, steps and intervals are positive (a few documented ones allow 0 = off),
-probabilities lie in [0, 1), NaN and infinity are refused. Model presets (REFERENCE.md §1)
+probabilities lie in [0, 1), NaN and infinity are refused. Model presets (docs/scaling.md §1)
 live here too, as plain dictionaries merged under whatever the recipe sets explicitly.
 """
 
@@ -55,10 +55,10 @@ PRESETS: dict[str, dict[str, Any]] = {
                        vocab_size=512, max_seq_len=128, tie_embeddings=True),
     "tiny-gpt2": dict(arch="gpt2", n_layer=2, n_head=4, d_model=64, vocab_size=512,
                       max_seq_len=128, bias=True, tie_embeddings=True),
-    # The spine benchmark's model (issue 2).
+    # The model `stoker bench` measures (README, "Results").
     "bench-llama": dict(arch="llama", n_layer=6, n_head=6, n_kv_head=2, d_model=384, d_ff=1024,
                         vocab_size=8192, max_seq_len=256, tie_embeddings=False),
-    # REFERENCE.md §1.
+    # docs/scaling.md §1.
     "gpt2-124m": dict(arch="gpt2", n_layer=12, n_head=12, d_model=768, vocab_size=50257,
                       max_seq_len=1024, bias=True, tie_embeddings=True),
     "gpt2-1.36b": dict(arch="gpt2", n_layer=18, n_head=19, d_model=2432, d_ff=9728,
@@ -137,7 +137,7 @@ class ModelConfig(Section):
 
     @property
     def ffn_dim(self) -> int:
-        """Hidden width of the MLP (REFERENCE.md §1 LLaMA rule when `d_ff` is unset)."""
+        """Hidden width of the MLP (docs/scaling.md §1 LLaMA rule when `d_ff` is unset)."""
         if self.d_ff is not None:
             return self.d_ff
         if self.arch == "gpt2":
@@ -276,7 +276,7 @@ class TrackConfig(Section):
 
 
 class MoRConfig(Section):
-    """Mixture-of-Recursions (Bae et al. 2025; REFERENCE.md §4): the `model.n_layer` applied
+    """Mixture-of-Recursions (Bae et al. 2025; docs/mor.md): the `model.n_layer` applied
     layers share weights over `recursions`; `router` picks each token's depth (`none`: the
     recursive baseline). See models/mor.py."""
 

@@ -6,7 +6,7 @@ import torch
 from stoker.config import PRESETS, ModelConfig
 from stoker.models.gpt import build_model, lm_loss
 
-# REFERENCE.md §1 (smollm-360m computed from its shape: 32·9,832,320 + 960 + 49152·960).
+# docs/scaling.md §1 (smollm-360m computed from its shape: 32·9,832,320 + 960 + 49152·960).
 REFERENCE_PARAMS = {
     "llama-1.36b": 1_294_159_104,
     "gpt2-1.36b": 1_404_968_832,

@@ -1,4 +1,4 @@
-"""Mixture-of-Recursions model invariants (REFERENCE.md §4): real tying, R = 1 = plain stack,
+"""Mixture-of-Recursions model invariants (docs/mor.md): real tying, R = 1 = plain stack,
 expert-choice and token-choice routing against step-by-step reference implementations,
 capacities, untouched unselected tokens, router gradients and losses by hand, KV sharing."""
 
@@ -124,7 +124,7 @@ def test_one_recursion_is_exactly_the_plain_stack(router, kv_cache, sharing):
 
 # ---------------------------------------------------------------------- reference algorithms
 def reference_forward(model, ids: torch.Tensor) -> torch.Tensor:
-    """REFERENCE.md §4 step by step, one sequence at a time, with plain indexing: expert-choice
+    """docs/mor.md step by step, one sequence at a time, with plain indexing: expert-choice
     top-k over the still-active tokens, sorted by position, block on the subsequence with RoPE
     at the original positions, h + g·F(h); token-choice h + p_d·F^d(h)."""
     R, edge, Bk, plan = model.recursions, model.n_edge, model.block_size, model.plan

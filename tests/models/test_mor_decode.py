@@ -98,7 +98,7 @@ def test_future_tokens_never_change_past_routing_or_logits(variant):
 
 def test_training_time_top_k_routing_is_not_causal():
     """Why decoding needs threshold routing: with top-k, a later token can push an earlier
-    one out of a recursion (REFERENCE.md §4)."""
+    one out of a recursion (docs/mor.md)."""
     model = model_for(VARIANTS[0])
     model.threshold_routing = False
     changed = False

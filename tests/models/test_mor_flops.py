@@ -62,7 +62,7 @@ def test_analytic_mor_flops_within_5_percent_of_flop_counter(mor):
 
 
 def test_flops_ratios_to_vanilla_at_reference_scale():
-    """REFERENCE.md §4 quotes ≈0.748 (MoR-2) and ≈0.667 (MoR-3) of vanilla per token for
+    """docs/mor.md quotes ≈0.748 (MoR-2) and ≈0.667 (MoR-3) of vanilla per token for
     the layers; linear ∝ capacity, attention ∝ capacity² (recursion-wise caching)."""
     cfg, T = ModelConfig(preset="smollm-360m"), 2048
     vanilla = forward_flops(cfg, T)

@@ -120,7 +120,7 @@ def test_full_size_forward_flops_on_meta_match_flop_counter():
 
 
 def test_mor_sharing_params_match_reference_section_4():
-    def millions(p):  # REFERENCE.md §4 rounds to 0.1M (167.1M is 167,149,440 blocks + 960 norm)
+    def millions(p):  # docs/mor.md rounds to 0.1M (167.1M is 167,149,440 blocks + 960 norm)
         return pytest.approx(p * 1e6, abs=0.051e6)
 
     smollm = ModelConfig(preset="smollm-360m")
@@ -216,7 +216,7 @@ def test_memory_states_are_16_bytes_per_param_and_shard_as_documented():
     cfg = ModelConfig(preset="llama-1.36b")
     n = count_params(cfg).total
     ddp = estimate_memory(cfg, "ddp", 4, 1, 2048)
-    assert ddp.states == 16 * n and round(ddp.states / 1e9, 1) == 20.7  # REFERENCE §2
+    assert ddp.states == 16 * n and round(ddp.states / 1e9, 1) == 20.7  # docs/scaling.md §3
     zero1 = estimate_memory(cfg, "zero1", 4, 1, 2048)
     assert zero1.optimizer == 8 * n / 4 and zero1.weights == 4 * n
     fsdp2 = estimate_memory(cfg, "fsdp2", 4, 1, 2048)

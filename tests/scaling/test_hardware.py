@@ -1,4 +1,4 @@
-"""Peak table lookups (REFERENCE.md §2): most specific name first, dense bf16, never FP8."""
+"""Peak table lookups (docs/scaling.md §4): most specific name first, dense bf16, never FP8."""
 
 import pytest
 

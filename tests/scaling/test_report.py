@@ -122,7 +122,7 @@ def test_plan_text_says_where_numbers_come_from(capsys):
     for text in (
         "23,588 tokens/s",
         "MFU 0.35 (assumed",
-        "REFERENCE.md §2",
+        "docs/scaling.md §4",
         "MassiveText",
         "compute-optimal",
         "to reach loss 2.5",

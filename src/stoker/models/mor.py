@@ -3,7 +3,7 @@ Dynamic Recursive Depths for Adaptive Token-Level Computation", arXiv 2507.10524
 
 Built from `models/gpt.py`'s decoder: `MoRDecoder` is a `Decoder` whose `layers` hold only the
 unique blocks; `plan` maps each of the `model.n_layer` applied layers to one of them.
-- Parameter sharing (§2.1; REFERENCE.md §4) for N layers and R recursions: `cycle` (applied
+- Parameter sharing (§2.1; docs/mor.md) for N layers and R recursions: `cycle` (applied
   layer i + r·B uses block i), `sequence` (layers i·R … i·R+R−1 use block i), `middle_cycle`
   and `middle_sequence` (first and last layers unique, the N−2 between shared as above).
   Sharing is real tying: one `Block`, so attention, MLP and norms are the same Parameters.

@@ -1,7 +1,7 @@
 """The parts of Mixture-of-Recursions (Bae et al. 2025, arXiv 2507.10524) that are not the model
 class: token compaction, the recursive-KV-sharing block step, decoding caches, router losses.
 
-- `compact` turns a per-token mask into position-sorted indices (REFERENCE.md §4: selected
+- `compact` turns a per-token mask into position-sorted indices (docs/mor.md: selected
   indices are sorted by position, which keeps causal order), so a recursion's block runs on
   the compacted subsequence with RoPE tables gathered at the original positions.
 - `shared_kv_block` is `gpt.Block.forward` for recursive KV sharing (§2.3 of the paper):

@@ -1,4 +1,4 @@
-"""System monitor, advice and plots (issue 7).
+"""System monitor, advice and plots.
 
 - `system`: a background sampler (CPU, RAM, RSS, NVIDIA GPUs via NVML, torch.cuda memory)
   writing `out_dir/system.jsonl` and a one-line progress-bar summary;

@@ -6,7 +6,7 @@ Pure arithmetic on configs (no torch import at module level), so `stoker count` 
 conventions are written out in docs/scaling.md.
 
 - `flops`: `count_params`, `flops_per_token`, `forward_flops`, `estimate_memory`.
-- `hardware`: `peak_flops`, `lookup_device`, the dense peak table of REFERENCE.md §2.
+- `hardware`: `peak_flops`, `lookup_device`, the dense peak table of docs/scaling.md §4.
 - `laws`: `Chinchilla` (Hoffmann / Besiroglu constants), compute-optimal N/D, `fit_law`.
 - `report`: the `count` and `plan` subcommands.
 """

@@ -13,8 +13,7 @@ Sources:
 - Korthikanti et al. 2022, §4: activation memory per layer, redone here for stoker's blocks.
 - Rajbhandari et al. 2020 (ZeRO), §3: mixed-precision AdamW holds 16 bytes/param (fp32
   weights 4, fp32 grads 4, Adam m and v 8); stage 1 shards the 8 bytes of optimizer state.
-Extension points: `count_params_shared` (Mixture-of-Recursions layer sharing, REFERENCE.md
-§4) and `count_lora_params` (adapters) count what those models will add.
+Extension points: `count_params_shared` (Mixture-of-Recursions layer sharing, docs/mor.md) and `count_lora_params` (adapters) count what those models will add.
 """
 
 from __future__ import annotations
@@ -127,7 +126,7 @@ def count_params(cfg: ModelConfig) -> ParamCount:
 
 def unique_layers(n_layer: int, recursions: int, sharing: str) -> int:
     """Blocks with their own weights when `n_layer` applied layers share weights over
-    `recursions` (Bae et al. 2025 §2.2; REFERENCE.md §4): cycle/sequence keep n/R, the
+    `recursions` (Bae et al. 2025 §2.2; docs/mor.md): cycle/sequence keep n/R, the
     middle_* variants keep the first and last layers unique and share the n−2 between."""
     if sharing not in SHARING:
         raise StokerError(f"unknown sharing {sharing!r}; known: {', '.join(SHARING)}")
@@ -234,7 +233,7 @@ def mor_router_params(cfg: ModelConfig, mor: MoRConfig) -> int:
 
 def mor_token_counts(mor: MoRConfig, seq_len: int) -> list[int]:
     """Tokens of a T-token sequence that each recursion processes: expert-choice's
-    hierarchical capacity max(1, ⌊(R−r)·T/R⌋) (REFERENCE.md §4), which is also token-choice
+    hierarchical capacity max(1, ⌊(R−r)·T/R⌋) (docs/mor.md), which is also token-choice
     under perfect balance (1/R of the tokens per depth); all T for the recursive baseline."""
     R, T = mor.recursions, seq_len
     if mor.router == "none" or R == 1:
@@ -404,7 +403,7 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Memory per GPU for AdamW training: states, weight copies and activations.
 
-    ddp: 4 B weights + 4 B grads + 8 B Adam (m, v) per param on every GPU (16 B, REFERENCE §2).
+    ddp: 4 B weights + 4 B grads + 8 B Adam (m, v) per param on every GPU (16 B, docs/scaling.md §3).
     zero1: the 8 B of optimizer state sharded over GPUs. fsdp2: all 16 B sharded, plus gather
     buffers (two units in bf16 and one unit's unsharded gradient in bf16 + fp32).
     Not counted: CUDA context, allocator fragmentation, NCCL and DDP buckets

@@ -1,6 +1,6 @@
 """Dense peak throughput and memory of named accelerators, for MFU and planning.
 
-The table is REFERENCE.md §2: dense (no 2:4 sparsity) tensor-core TFLOPS from the vendors'
+The table (docs/scaling.md §4): dense (no 2:4 sparsity) tensor-core TFLOPS from the vendors'
 datasheets, bf16, or fp16 where the device has no bf16 (T4). FP8 columns are deliberately
 absent: an earlier guide read H20's FP8 figure (296) as bf16 and promised twice the possible
 throughput. Memory is the datasheet capacity ("80 GB" HBM is 80 GiB).

@@ -1,9 +1,9 @@
 """`stoker count` and `stoker plan`: exact parameters, FLOPs/token, memory, and a training
 plan (throughput, time, cost, Chinchilla loss, compute-optimal alternative) on named GPUs.
 
-Every number says where it comes from: the FLOPs convention, the peak table (REFERENCE.md
-§2), an assumed MFU, and the data a scaling law was fitted on. Throughput is
-num_gpus × peak × MFU ÷ FLOPs/token, never a promised figure (REFERENCE.md §3).
+Every number says where it comes from: the FLOPs convention, the peak table (docs/scaling.md
+§4), an assumed MFU, and the data a scaling law was fitted on. Throughput is
+num_gpus × peak × MFU ÷ FLOPs/token, never a promised figure (docs/scaling.md §4).
 Formulas: docs/scaling.md.
 """
 
@@ -57,7 +57,7 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         type=float,
         default=0.35,
         help="assumed model FLOPs utilization (default 0.35, the measured "
-        "llama-1.36b anchor of REFERENCE.md §2)",
+        "llama-1.36b anchor of docs/scaling.md §4)",
     )
     parser.add_argument("--dtype", default="bf16", help="peak column: bf16 (default) or fp16")
     parser.add_argument(
@@ -416,7 +416,7 @@ def _print_hardware(r: dict) -> None:
         return
     print(
         f"hardware: {r['num_gpus']} × {r['gpu_name']} at {r['peak_flops'] / 1e12:g} TFLOPS "
-        f"dense {r['dtype']} (REFERENCE.md §2), MFU {r['mfu']:g} (assumed, --mfu)"
+        f"dense {r['dtype']} (docs/scaling.md §4), MFU {r['mfu']:g} (assumed, --mfu)"
     )
     print(
         f"throughput: {r['tokens_per_second']:,.0f} tokens/s "

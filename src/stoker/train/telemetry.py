@@ -1,6 +1,6 @@
 """What the loop measures about itself: throughput, data wait, MFU, memory, progress bar.
 
-MFU = tokens/s × FLOPs/token ÷ (processes × peak FLOP/s) (REFERENCE.md §2). FLOPs/token is
+MFU = tokens/s × FLOPs/token ÷ (processes × peak FLOP/s) (docs/scaling.md §2). FLOPs/token is
 the PaLM form 6N + 12·L·H·Q·T with N = all parameters (scaling/flops.py). The peak comes from
 the device table (scaling/hardware.py); an unknown GPU gets no MFU, never a default. On a CPU
 the peak is a matmul rate measured once per process in the run's dtype, and the row says so

@@ -1,8 +1,8 @@
 """Run tracking: `out_dir/metrics.jsonl` always, optional MLflow / TensorBoard / W&B sinks.
 
 Every sink receives the same rows through one interface (`log(row)`, `close()`). Only rank 0
-creates a `Tracker`; other ranks get a `NullTracker` (an earlier system started an MLflow run
-on every rank). MLflow defaults to a SQLite store in the run dir, so nothing needs a server.
+creates a `Tracker`; other ranks get a `NullTracker`, so a multi-process run is one MLflow
+run. MLflow defaults to a SQLite store in the run dir, so nothing needs a server.
 """
 
 from __future__ import annotations

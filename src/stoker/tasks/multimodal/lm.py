@@ -8,7 +8,7 @@
   exact match per instruction type, also with each modality replaced by its missing
   embedding (if the model reads the projected tokens, that modality's questions fail).
 Batches pad each micro-batch to its longest row (`phase2.pad: longest`) or to the LM's
-`max_seq_len` (`max`, the static padding other systems use); rows are chosen as in data.py.
+`max_seq_len` (`max`, static padding, for comparison); rows are chosen as in data.py.
 """
 
 from __future__ import annotations
