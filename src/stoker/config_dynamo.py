@@ -93,6 +93,9 @@ class RouterConfig(Section):
 
     hidden: PositiveInt = 256
     dropout: Probability = 0.1
+    # segments: pool the first segment and the second (a QA context) apart, concatenated; mean:
+    # one pool over the whole input (a QA pair then looks like the passage it holds)
+    pool: Literal["mean", "segments"] = "segments"
     n_adapters: PositiveInt | None = None  # must equal the number of tasks when given
     tau_start: PositiveFloat = 1.0  # softmax temperature, scheduled linearly over phase 2
     tau_end: PositiveFloat = 0.3

@@ -151,3 +151,23 @@ def test_masked_mean_and_per_row_mean():
     v = torch.tensor([1.0, 3.0, 5.0])
     torch.testing.assert_close(per_row_mean(v, torch.tensor([0, 0, 2]), 3),
                                torch.tensor([2.0, 0.0, 5.0]))  # fmt: skip
+
+
+def test_segment_pooling_reads_the_question_and_the_context_apart():
+    torch.manual_seed(0)
+    enc = build_encoder(EncoderConfig(n_layer=2, n_head=4, d_model=32, vocab_size=97,
+                                      max_seq_len=32))  # fmt: skip
+    m = DynamoModel(enc, TASKS, LoRAConfig(r=4, alpha=8, targets="all-linear"), 16, 0.0,
+                    router_pool="segments").eval()  # fmt: skip
+    b = make_batch()
+    second = torch.zeros_like(b["source_mask"])
+    second[1, 5:] = b["source_mask"][1, 5:]  # row 1 (a qa row): tokens 5.. are its context
+    b["second_mask"] = second
+    with torch.no_grad():
+        feats = m.route_features(b)  # (B, 2C)
+        hidden = m.encode(b, torch.zeros(len(b["task"]), 3))
+    assert feats.shape == (6, 64) and m.router.net[0].in_features == 64
+    first = b["source_mask"] & ~second
+    torch.testing.assert_close(feats[:, :32], masked_mean(hidden, first))
+    torch.testing.assert_close(feats[1, 32:], hidden[1][second[1]].mean(0))
+    assert not feats[0, 32:].any()  # a single-text row: zeros for the second segment

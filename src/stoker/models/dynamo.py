@@ -13,11 +13,15 @@ one head per task, and a router that chooses the mixture per input.
     the frozen word embeddings plus a bias: next-token logits at every target position of a
     UniLM sequence-to-sequence input (Dong et al. 2019, arXiv 1905.03197).
 - Router: an MLP on the masked mean-pool of the source positions of a zero-gate pass (the frozen
-  backbone's own encoding, so it never depends on the adapters) -> K logits.
+  backbone's own encoding, so it never depends on the adapters) -> K logits. With
+  `router_pool="segments"` the pool is taken apart over the input's first segment and its
+  second (a QA row's context; zeros for single-text rows), concatenated (B, 2C): one mean over
+  a question and its context is dominated by the context, which looks like any other
+  passage, so a summarization source and a QA pair become hard to tell apart.
 
 A batch is a dict (tasks/dynamo/batches.py builds it): input_ids, token_type_ids (B, T),
 mask (B, T, T) bool (query may attend key), source_mask (B, T) bool (the input a router and a
-pooled head read), task (B,), label (B,) for classify rows, start/end (B,) for qa rows, labels
+pooled head read), second_mask (B, T) bool (the second segment: a QA row's context), task (B,), label (B,) for classify rows, start/end (B,) for qa rows, labels
 (B, T) next-token targets for seq2seq rows; -100 where a field does not apply.
 """
 
@@ -109,6 +113,7 @@ class DynamoModel(nn.Module):
         router_dropout: float = 0.1,
         pooling: str = "mean",
         head_dropout: float = 0.1,
+        router_pool: str = "mean",
     ):
         """`tasks`: (name, kind, n_labels) per adapter, in adapter order."""
         super().__init__()
@@ -128,7 +133,9 @@ class DynamoModel(nn.Module):
             else:
                 heads[name] = LMHead(C, encoder.embeddings.word_embeddings, cfg.norm_eps)
         self.heads = nn.ModuleDict(heads)
-        self.router = Router(C, router_hidden, K, router_dropout)
+        self.router_pool = router_pool
+        self.router = Router(C * (2 if router_pool == "segments" else 1), router_hidden, K,
+                             router_dropout)  # fmt: skip
 
     @property
     def n_adapters(self) -> int:
@@ -177,7 +184,11 @@ class DynamoModel(nn.Module):
         with torch.no_grad():
             zero = torch.zeros(B, self.n_adapters, device=batch["input_ids"].device)
             hidden = self.encode(batch, zero)  # (B, T, C)
-            return masked_mean(hidden, batch["source_mask"]).float()  # (B, C)
+            if self.router_pool != "segments":
+                return masked_mean(hidden, batch["source_mask"]).float()  # (B, C)
+            second = batch["second_mask"]
+            first = masked_mean(hidden, batch["source_mask"] & ~second)
+            return torch.cat([first, masked_mean(hidden, second)], -1).float()  # (B, 2C)
 
     def route(self, batch: dict) -> torch.Tensor:
         """Router logits (B, K)."""

@@ -46,6 +46,7 @@ def collate(features: list[dict], pad_id: int) -> dict[str, Any]:
     B, T = len(features), max(f["length"] for f in features)
     ids = torch.full((B, T), pad_id, dtype=torch.long)
     types = torch.zeros(B, T, dtype=torch.long)
+    second = torch.zeros(B, T, dtype=torch.bool)
     labels = torch.full((B, T), IGNORE, dtype=torch.long)
     scalar = {k: torch.full((B,), IGNORE, dtype=torch.long) for k in ("label", "start", "end")}
     task = torch.tensor([f["task"] for f in features])
@@ -56,6 +57,8 @@ def collate(features: list[dict], pad_id: int) -> dict[str, Any]:
         n = f["length"]
         ids[i, :n] = torch.tensor(f["input_ids"])
         types[i, :n] = torch.tensor(f["token_type_ids"])
+        if "offsets" in f:  # a QA window: its context tokens are the second segment
+            second[i, :n] = torch.tensor([o is not None for o in f["offsets"]])
         if "labels" in f:
             labels[i, :n] = torch.tensor(f["labels"])
         for k in scalar:
@@ -66,7 +69,7 @@ def collate(features: list[dict], pad_id: int) -> dict[str, Any]:
     )  # (B, T, T)
     source_mask = torch.arange(T)[None] < source_len[:, None]  # (B, T)
     return {"input_ids": ids, "token_type_ids": types, "mask": mask, "source_mask": source_mask,
-            "task": task, "labels": labels, "length": length, **scalar}  # fmt: skip
+            "second_mask": second, "task": task, "labels": labels, "length": length, **scalar}  # fmt: skip
 
 
 def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

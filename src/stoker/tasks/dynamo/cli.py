@@ -93,8 +93,10 @@ def predict(model, task, text: str, context: str | None = None) -> dict[str, Any
     if context is not None:
         enc = tok.encode(text, context, max_length=cfg.data.max_length, truncation="only_second")
         n = int(enc.attention_mask[0].sum())
+        seq = enc.sequence_ids[0, :n].tolist()  # 1 on the context: the second segment
         feat = {"input_ids": enc.input_ids[0, :n].tolist(), "token_type_ids":
-                enc.token_type_ids[0, :n].tolist(), "task": 0, "source_len": n, "length": n}  # fmt: skip
+                enc.token_type_ids[0, :n].tolist(), "task": 0, "source_len": n, "length": n,
+                "offsets": [(0, 0) if sid == 1 else None for sid in seq]}  # fmt: skip
     else:
         feat = classify_features(tok, [{"text": text, "label": 0}], 0, cfg.data.max_length)[0]
     batch = collate([feat], tok.pad_id)

@@ -219,7 +219,8 @@ def build_dynamo(cfg) -> DynamoModel:
         root = encoder_dir(cfg)
         encoder = load_encoder(root) if root is not None else build_encoder(cfg.encoder)
         tasks = [(t.name, t.kind, t.n_labels) for t in d.tasks]
-        return DynamoModel(encoder, tasks, cfg.lora, r.hidden, r.dropout, d.pooling)
+        return DynamoModel(encoder, tasks, cfg.lora, r.hidden, r.dropout, d.pooling,
+                           router_pool=r.pool)  # fmt: skip
 
 
 def run_root(cfg) -> Path:

@@ -154,6 +154,7 @@ def manifest(model: DynamoModel, sha: str, source: str | None, phase: int | None
             "hidden": model.router.net[0].out_features,
             "dropout": model.router.net[2].p,
             "n_adapters": model.n_adapters,
+            "pool": model.router_pool,
         },
         "lora": {
             "r": first.ranks[0],
@@ -366,7 +367,8 @@ def load_dynamo_export(out: str | Path, device: str | torch.device = "cpu") -> D
         cfg = LoRAConfig(r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
                          rslora=lora["rslora"], targets=lora["targets"])  # fmt: skip
         kw = dict(router_hidden=r["hidden"], router_dropout=r["dropout"],
-                  pooling=m["pooling"], head_dropout=m["head_dropout"])  # fmt: skip
+                  pooling=m["pooling"], head_dropout=m["head_dropout"],
+                  router_pool=r.get("pool", "mean"))  # fmt: skip
     except (KeyError, TypeError, ValueError) as e:
         raise file_error(out / MANIFEST, "is missing or has a malformed field",
                          "re-export the run", f"{type(e).__name__}: {e}") from None  # fmt: skip
