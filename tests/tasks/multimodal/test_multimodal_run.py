@@ -162,6 +162,8 @@ def test_bad_files_are_one_line_errors_naming_the_file(run, tmp_path, capsys):
     shutil.copy(run["data"] / first, data / first)
     err = fails(["train", str(RECIPE), *args, "--data.sample_rate=16000"], capsys)
     assert "sampled at 22050 Hz, data.sample_rate is 16000" in err
+    err = fails(["train", str(RECIPE), *args, "--multimodal.phases=[2]"], capsys)
+    assert "phase 2 needs the result of encoder:image" in err and "holds no finished run" in err
     err = fails(["train", str(RECIPE), *args, "--multimodal.image.kind=audio_cnn"], capsys)
     assert "multimodal.image.kind=audio_cnn" in err
     assert "not a stage" in fails(["train", str(RECIPE), *args, "--multimodal.stage=phase3"],

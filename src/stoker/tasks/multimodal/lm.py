@@ -14,7 +14,6 @@ Batches pad each micro-batch to its longest row (`phase2.pad: longest`) or to th
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -137,21 +136,6 @@ def select(conv: Conversations, idx: list[int], pad_id: int, length: int | None)
     return b | {k: t[idx] for k, t in conv.tensors.items()}
 
 
-def stage_checkpoint(cfg, stage: str) -> Path:
-    from stoker.tasks.multimodal.stages import fingerprints
-    from stoker.tasks.multimodal.task import stage_dir
-    from stoker.train.stages import finished_checkpoint
-
-    where = stage_dir(cfg, stage)
-    ckpt = finished_checkpoint(where, fingerprints(cfg)[stage])
-    if ckpt is None:
-        state = ("is out of date (its config or data changed)" if finished_checkpoint(where)
-                 else "holds no finished run")  # fmt: skip
-        raise StokerError(f"phase 2 needs the result of {stage}, but {where} {state}; run "
-                          "the recipe's earlier stages first (multimodal.phases=[1,2])")  # fmt: skip
-    return ckpt
-
-
 def build_lm(cfg) -> torch.nn.Module:
     from stoker.models.gpt import build_model
 
@@ -167,14 +151,14 @@ def build_mm(cfg) -> torch.nn.Module:
     from stoker.models.lora import apply_lora
     from stoker.models.multimodal import freeze
     from stoker.models.multimodal_lm import MultimodalLM
-    from stoker.tasks.multimodal.task import build_align_model
+    from stoker.tasks.multimodal.task import build_align_model, stage_checkpoint
     from stoker.train.checkpoint import load_weights, save_trainable_only
 
     align = build_align_model(cfg)
     save_trainable_only(align)  # phase 1's checkpoint: the aligner
-    load_weights(align, stage_checkpoint(cfg, "phase1"))
+    load_weights(align, stage_checkpoint(cfg, "phase1", "phase 2"))
     lm = build_lm(cfg)
-    load_weights(lm, stage_checkpoint(cfg, "lm"))
+    load_weights(lm, stage_checkpoint(cfg, "lm", "phase 2"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + 2)
         apply_lora(lm, cfg.lora)  # freezes the rest of the LM

@@ -107,6 +107,11 @@ def plan(cfg) -> list[Stage]:
         names += [f"{ENCODER}{m}" for m in cfg.multimodal.modalities] + ["phase1"]
     if 2 in cfg.multimodal.phases:
         names += ["lm", "phase2"]
+        if 1 not in cfg.multimodal.phases:  # phase 1 must be there before anything trains
+            from stoker.tasks.multimodal.task import stage_checkpoint
+
+            for n in [f"{ENCODER}{m}" for m in cfg.multimodal.modalities] + ["phase1"]:
+                stage_checkpoint(cfg, n, "phase 2")
     stages = [Stage(n, _stage_cfg(cfg, n, root), fps[n]) for n in names]
     for s in stages:
         s.fresh = cfg.train.resume == "never"

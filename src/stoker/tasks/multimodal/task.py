@@ -58,19 +58,19 @@ def stage_dir(cfg, stage: str) -> Path:
     return root / stage.replace(":", "-")
 
 
-def encoder_checkpoint(cfg, modality: str) -> Path:
-    """The finished encoder stage's checkpoint, trained on what this config gives it."""
+def stage_checkpoint(cfg, stage: str, needed_by: str) -> Path:
+    """The checkpoint of an earlier stage, which must have finished on what this config gives
+    it; a one-line error naming what is missing."""
     from stoker.tasks.multimodal.stages import fingerprints
     from stoker.train.stages import finished_checkpoint
 
-    stage = f"{ENCODER}{modality}"
     where = stage_dir(cfg, stage)
     ckpt = finished_checkpoint(where, fingerprints(cfg)[stage])
     if ckpt is None:
         state = ("is out of date (its config or data changed)" if finished_checkpoint(where)
                  else "holds no finished run")  # fmt: skip
-        raise StokerError(f"phase 1 needs the {modality} encoder of {stage}, but {where} "
-                          f"{state}; run the recipe's stages in order")  # fmt: skip
+        raise StokerError(f"{needed_by} needs the result of {stage}, but {where} {state}; run "
+                          "the recipe's earlier stages first (multimodal.phases=[1,2])")  # fmt: skip
     return ckpt
 
 
@@ -94,7 +94,7 @@ def build_align_model(cfg) -> AlignModel:
     encoders = {}
     for m in cfg.multimodal.modalities:
         enc = build_encoder(cfg, m)
-        load_weights(enc, encoder_checkpoint(cfg, m))
+        load_weights(enc, stage_checkpoint(cfg, f"{ENCODER}{m}", "phase 1"))
         encoders[m] = freeze(enc)
     return AlignModel(encoders, cfg.multimodal.aligner.dim)
 
