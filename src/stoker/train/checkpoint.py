@@ -66,6 +66,16 @@ def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
     return h.hexdigest()
 
 
+def tensors_sha256(tensors: dict[str, Any]) -> str:
+    """SHA-256 over named tensors (names, shapes and float32 bytes, in name order): what a
+    checkpoint records of the frozen weights it was trained on."""
+    h = hashlib.sha256()
+    for name, t in sorted(tensors.items()):
+        h.update(f"{name}{tuple(t.shape)}".encode())
+        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
+    return h.hexdigest()
+
+
 def build_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {size, sha256}} of every file under `directory` (the marker excluded)."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)

@@ -6,15 +6,14 @@ evaluation table, `stoker predict`, and the one-line errors."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
+from tests.train.test_loop import sigterm_at
 
 from stoker.cli import main
 from stoker.train import loop
@@ -149,17 +148,10 @@ def test_killed_phase2_resumes_exactly(run, tmp_path, monkeypatch):
         args = [a for a in run["args"] if not a.startswith("--train.out_dir")]
         args += [f"--train.out_dir={out}", "--phase=2", "--train.save_interval=2"]
         if stop is not None:
-            plain = loop.lr_at
-
-            def lr_at(step, *a, **k):
-                if step + 1 == stop:
-                    os.kill(os.getpid(), signal.SIGTERM)
-                return plain(step, *a, **k)
-
-            monkeypatch.setattr(loop, "lr_at", lr_at)
-            assert main(["train", str(TINY), *args]) == 0
+            with monkeypatch.context() as m:
+                m.setattr(loop, "lr_at", sigterm_at(stop, loop.lr_at))
+                assert main(["train", str(TINY), *args]) == 0
             assert not json.loads((out / "phase2" / "stage.json").read_text())["done"]
-            monkeypatch.setattr(loop, "lr_at", plain)
         assert main(["train", str(TINY), *args]) == 0
         assert json.loads((out / "phase2" / "stage.json").read_text())["done"]
         return ckpt_tensors(out / "phase2")

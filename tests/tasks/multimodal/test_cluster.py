@@ -35,7 +35,11 @@ def launch(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
 def test_bad_arguments_are_one_line_errors(args, message):
     r = launch(*args)
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.splitlines()) == 1
-    assert launch(str(RECIPE), "1", "0", "h", "1", env={"NPROC_PER_NODE": "x"}).returncode == 2
+
+
+def test_a_bad_process_count_is_an_error():
+    r = launch(str(RECIPE), "1", "0", "h", "1", env={"NPROC_PER_NODE": "x"})
+    assert r.returncode == 2 and "NPROC_PER_NODE must be a positive integer, got 'x'" in r.stderr
 
 
 def free_port() -> int:

@@ -20,7 +20,6 @@ drawn from `train.seed`) is rebuilt on load and must hash the same.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -48,13 +47,10 @@ def parse_stage(stage: str | None) -> tuple[int, str | None]:
 
 def encoder_hash(model: DynamoModel) -> str:
     """SHA-256 over the frozen encoder's base tensors (names, shapes and bytes)."""
-    h = hashlib.sha256()
-    for name, t in sorted(model.encoder.state_dict().items()):
-        if name.endswith((".lora_A", ".lora_B")):
-            continue
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
-    return h.hexdigest()
+    from stoker.train.checkpoint import tensors_sha256
+
+    return tensors_sha256({n: t for n, t in model.encoder.state_dict().items()
+                           if not n.endswith((".lora_A", ".lora_B"))})  # fmt: skip
 
 
 class DynamoTask(Task):

@@ -46,11 +46,12 @@ def records(cfg, split: str) -> list[dict]:
 
 def described(cfg, rows: list[dict]) -> list[dict]:
     labels = labels_of(cfg)
+    files = {"image": cfg.data.images, "audio": cfg.data.audio}
     for r in rows:
         for m in ("image", "audio"):
             if r.get(m) and r[m] not in labels[m]:
-                raise StokerError(f"{r[m]} has no label in {getattr(cfg.data, m + 's', m)} "
-                                  "(the LM's pretraining text names each file's digit)")  # fmt: skip
+                raise StokerError(f"{r[m]} has no label in {files[m]} (the LM's pretraining "
+                                  "text names each file's digit)")  # fmt: skip
     return [chat.describe(r, labels, WORDS) for r in rows]
 
 

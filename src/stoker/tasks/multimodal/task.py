@@ -19,7 +19,6 @@ them, each one run of train/loop.py in its own directory under the recipe's `tra
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,8 @@ import torch.nn.functional as F
 from stoker.errors import StokerError
 from stoker.models.multimodal import Aligner, build_modality_encoder, contrastive_loss, freeze
 from stoker.tasks.base import Task, sum_over_ranks
+from stoker.tasks.multimodal import chat, lm
 from stoker.tasks.multimodal import data as md
-from stoker.tasks.multimodal import lm
 from stoker.tasks.multimodal.stages import ENCODER
 
 
@@ -45,11 +44,9 @@ def build_encoder(cfg, modality: str) -> nn.Module:
 
 
 def tensors_hash(module: nn.Module) -> str:
-    h = hashlib.sha256()
-    for name, t in sorted(module.state_dict().items()):
-        h.update(f"{name}{tuple(t.shape)}".encode())
-        h.update(t.detach().cpu().contiguous().float().numpy().tobytes())
-    return h.hexdigest()
+    from stoker.train.checkpoint import tensors_sha256
+
+    return tensors_sha256(module.state_dict())
 
 
 def stage_dir(cfg, stage: str) -> Path:
@@ -157,7 +154,7 @@ class MultimodalTask(Task):
 
     # ----------------------------------------------------------------------------- model
     def build_model(self, device: torch.device, ckpt: Path | None) -> nn.Module:
-        from stoker.train.checkpoint import save_trainable_only
+        from stoker.train.checkpoint import save_trainable_only, tensors_sha256
 
         if self.modality:
             return build_encoder(self.cfg, self.modality).to(device)
@@ -168,7 +165,7 @@ class MultimodalTask(Task):
         if self.kind == "phase2":
             frozen = {n: p for n, p in model.lm.named_parameters() if not p.requires_grad}
             self.hashes |= {"aligner": tensors_hash(model.aligner),
-                            "lm": tensors_hash(_Tensors(frozen))}  # fmt: skip
+                            "lm": tensors_sha256(frozen)}  # fmt: skip
         save_trainable_only(model)
         return model.to(device)
 
@@ -200,11 +197,11 @@ class MultimodalTask(Task):
             return int(len(batch["y"]))
         if self.kind == "phase1":
             return 1  # one contrast set
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((batch["labels"][:, 1:] != chat.IGNORE).sum())
 
     def tokens(self, batch) -> int:
         if self.kind in ("lm", "phase2"):
-            return int((batch["input_ids"] != lm.tokenizer(self.cfg).pad_id).sum())
+            return int((batch["input_ids"] != self.train_data.pad_id).sum())
         return int(len(batch["y" if self.modality else "label"]))  # items
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -309,12 +306,3 @@ class MultimodalTask(Task):
             save_trainable_only(model)
         load_weights(model, ckpt)
         return model.to(device).eval()
-
-
-class _Tensors(nn.Module):
-    """A module holding `tensors` as buffers (to hash a set of frozen parameters)."""
-
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        super().__init__()
-        for i, (name, t) in enumerate(sorted(tensors.items())):
-            self.register_buffer(f"t{i}_{name.replace('.', '_')}", t.detach())
