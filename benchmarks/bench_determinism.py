@@ -22,18 +22,34 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MODELS = {
     "tiny (demo)": [],
-    "bench-llama": ["--model.preset=bench-llama", "--model.max_seq_len=256",
-                    "--model.vocab_size=8192", "--train.batch_size=8",
-                    "--train.micro_batch_size=8", "--data.dir=data/bench-determinism",
-                    "--data.tokenizer.vocab_size=8192"],
+    "bench-llama": [
+        "--model.preset=bench-llama",
+        "--model.max_seq_len=256",
+        "--model.vocab_size=8192",
+        "--train.batch_size=8",
+        "--train.micro_batch_size=8",
+        "--data.dir=data/bench-determinism",
+        "--data.tokenizer.vocab_size=8192",
+    ],
 }
 
 
 def run(out: Path, steps: int, extra: list[str]) -> tuple[float, list[float]]:
-    cmd = [sys.executable, "-m", "stoker", "train", str(ROOT / "recipes/pretrain/tiny.yaml"),
-           f"--train.max_steps={steps}", "--train.eval_interval=0", "--train.log_interval=1",
-           f"--train.save_interval={steps}", "--train.monitor_interval=0",
-           "--train.resume=never", f"--train.out_dir={out}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stoker",
+        "train",
+        str(ROOT / "recipes/pretrain/tiny.yaml"),
+        f"--train.max_steps={steps}",
+        "--train.eval_interval=0",
+        "--train.log_interval=1",
+        f"--train.save_interval={steps}",
+        "--train.monitor_interval=0",
+        "--train.resume=never",
+        f"--train.out_dir={out}",
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     if proc.returncode:
         sys.exit(proc.stderr[-2000:])
@@ -50,8 +66,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--models", default=",".join(MODELS))
     args = ap.parse_args()
-    print(f"{'model':<14} {'precision':<9} {'off tok/s':>10} {'on tok/s':>10} {'on/off':>7} "
-          f"{'on: identical runs':>19} {'off: identical runs':>20}")
+    print(
+        f"{'model':<14} {'precision':<9} {'off tok/s':>10} {'on tok/s':>10} {'on/off':>7} "
+        f"{'on: identical runs':>19} {'off: identical runs':>20}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             for precision in ("fp32", "bf16"):
@@ -60,15 +78,24 @@ def main() -> None:
                 for i in range(args.repeats):
                     for on in (False, True) if i % 2 == 0 else (True, False):
                         out = Path(tmp) / f"{model}-{precision}-{on}-{i}"
-                        t, losses = run(out, args.steps, [*MODELS[model],
-                                                          f"--train.precision={precision}",
-                                                          f"--train.deterministic={on}"])
+                        t, losses = run(
+                            out,
+                            args.steps,
+                            [
+                                *MODELS[model],
+                                f"--train.precision={precision}",
+                                f"--train.deterministic={on}",
+                            ],
+                        )
                         tps[on].append(t)
                         curves[on].append(losses)
                 off, on = statistics.median(tps[False]), statistics.median(tps[True])
                 same = {k: all(c == v[0] for c in v[1:]) for k, v in curves.items()}
-                print(f"{model:<14} {precision:<9} {off:>10,.0f} {on:>10,.0f} {on / off:>7.3f} "
-                      f"{str(same[True]):>19} {str(same[False]):>20}", flush=True)
+                print(
+                    f"{model:<14} {precision:<9} {off:>10,.0f} {on:>10,.0f} {on / off:>7.3f} "
+                    f"{str(same[True]):>19} {str(same[False]):>20}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

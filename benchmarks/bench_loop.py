@@ -20,8 +20,12 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMON = ["--model.preset=bench-llama", "--train.batch_size=8", "--train.micro_batch_size=8",
-          "--model.max_seq_len=256"]
+COMMON = [
+    "--model.preset=bench-llama",
+    "--train.batch_size=8",
+    "--train.micro_batch_size=8",
+    "--model.max_seq_len=256",
+]
 
 
 def bare_step(steps: int, precision: str) -> float:
@@ -39,8 +43,11 @@ def bare_step(steps: int, precision: str) -> float:
     model = build_model(cfg.model)
     opt = build_optimizer(model, cfg.optim, "cpu")
     x = torch.randint(0, 8192, (8, 257))
-    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16"
-           else contextlib.nullcontext())
+    amp = (
+        torch.autocast("cpu", dtype=torch.bfloat16)
+        if precision == "bf16"
+        else contextlib.nullcontext()
+    )
     times = []
     for i in range(steps + 3):
         t0 = time.perf_counter()
@@ -60,11 +67,18 @@ def loop(steps: int, precision: str) -> float:
     """Median logged tokens/s of `stoker train` on the same model (child process)."""
     data = ROOT / ".cache" / "bench-loop-data"
     with tempfile.TemporaryDirectory() as out:
-        args = [*COMMON, f"--train.out_dir={out}", f"--data.dir={data}",
-                "--data.max_documents=200", "--data.tokenizer.vocab_size=2048",
-                f"--train.max_steps={steps + 5}", "--train.log_interval=1",
-                "--train.eval_interval=0", "--train.save_interval=100000",
-                f"--train.precision={precision}"]
+        args = [
+            *COMMON,
+            f"--train.out_dir={out}",
+            f"--data.dir={data}",
+            "--data.max_documents=200",
+            "--data.tokenizer.vocab_size=2048",
+            f"--train.max_steps={steps + 5}",
+            "--train.log_interval=1",
+            "--train.eval_interval=0",
+            "--train.save_interval=100000",
+            f"--train.precision={precision}",
+        ]
         from stoker.config import load_config
         from stoker.train.loop import train
 
@@ -86,14 +100,28 @@ def main() -> None:
         return
     results = {}
     for child in ("bare", "loop", "bare", "loop"):  # interleaved, best of two each
-        r = subprocess.run([sys.executable, __file__, "--child", child, "--steps",
-                            str(args.steps), "--precision", args.precision],
-                           capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--child",
+                child,
+                "--steps",
+                str(args.steps),
+                "--precision",
+                args.precision,
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         tps = json.loads(r.stdout.strip().splitlines()[-1])["tokens_per_second"]
         results[child] = max(results.get(child, 0.0), tps)
     ratio = results["loop"] / results["bare"]
-    print(f"bench-llama T=256 B=8 {args.precision}: bare step {results['bare']:,.0f} tok/s, "
-          f"stoker train loop {results['loop']:,.0f} tok/s, loop/bare = {ratio:.3f}")
+    print(
+        f"bench-llama T=256 B=8 {args.precision}: bare step {results['bare']:,.0f} tok/s, "
+        f"stoker train loop {results['loop']:,.0f} tok/s, loop/bare = {ratio:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -81,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
-    ap.add_argument("--static-width", type=int, default=None,
-                    help="static padding width (default: the LM's max_seq_len)")
+    ap.add_argument(
+        "--static-width",
+        type=int,
+        default=None,
+        help="static padding width (default: the LM's max_seq_len)",
+    )
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -102,14 +106,18 @@ def main(argv: list[str] | None = None) -> int:
     med = {k: statistics.median(r["tokens_per_s"] for r in v) for k, v in results.items()}
     lengths = [len(s.ids) for s in conv.samples]
     print(f"check: first-step losses agree ({a:.6f} vs {b:.6f})")
-    print(f"conversations: {len(lengths)}, tokens per sample {min(lengths)}..{max(lengths)} "
-          f"(mean {statistics.mean(lengths):.1f}), static width {T}, micro-batch {B}")
+    print(
+        f"conversations: {len(lengths)}, tokens per sample {min(lengths)}..{max(lengths)} "
+        f"(mean {statistics.mean(lengths):.1f}), static width {T}, micro-batch {B}"
+    )
     print(f"{'padding':10}{'real tok/s':>12}")
     for k, v in med.items():
         print(f"{k:10}{v:>12,.0f}")
     ratio = med["dynamic"] / med["static"]
-    print(f"dynamic / static: {ratio:.2f}x ({args.threads} threads, {args.repeats} repeats, "
-          f"median; {args.steps} timed steps each)")
+    print(
+        f"dynamic / static: {ratio:.2f}x ({args.threads} threads, {args.repeats} repeats, "
+        f"median; {args.steps} timed steps each)"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps({"median": med, "ratio": ratio, "runs": results,
                                                "threads": args.threads}, indent=1))  # fmt: skip

@@ -127,8 +127,10 @@ def main() -> None:
     rows = []
     for n, (recipe, over) in recipes.items():
         steps = round(budget / (acc[n][0] * tokens_per_step))
-        out = args.out_root / n.replace(" (rec2)", "").replace(" (c=", "-").strip(")").replace(
-            " ", "-").lower()
+        out = (
+            args.out_root
+            / n.replace(" (rec2)", "").replace(" (c=", "-").strip(")").replace(" ", "-").lower()
+        )
         print(f"{n}: {steps} steps ({acc[n][0] / 1e6:.2f} MFLOPs/token)", flush=True)
         rows.append(run(n, recipe, over, steps, out, args.reuse))
     print(

@@ -57,8 +57,13 @@ def test_non_dividing_heads_through_cli(tmp_path, capsys):
 
 
 def test_python_dash_m_stoker_runs_without_traceback():
-    r = subprocess.run([sys.executable, "-m", "stoker", "train", "/nonexistent.yaml"],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "stoker", "train", "/nonexistent.yaml"],
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2
-    assert r.stderr.strip() == "stoker: error: recipe file not found: /nonexistent.yaml " \
-                               "(pass a path to a .yaml recipe)"
+    assert (
+        r.stderr.strip() == "stoker: error: recipe file not found: /nonexistent.yaml "
+        "(pass a path to a .yaml recipe)"
+    )

@@ -7,8 +7,17 @@ from stoker.errors import StokerError
 
 
 def test_overrides_coerce_types():
-    cfg = load_config(None, ["--train.max_steps=30", "--optim.lr=3e-4", "--train.compile=true",
-                             "--optim.betas=[0.9, 0.99]", "--data.sources", "a.txt"])
+    cfg = load_config(
+        None,
+        [
+            "--train.max_steps=30",
+            "--optim.lr=3e-4",
+            "--train.compile=true",
+            "--optim.betas=[0.9, 0.99]",
+            "--data.sources",
+            "a.txt",
+        ],
+    )
     assert cfg.train.max_steps == 30 and isinstance(cfg.train.max_steps, int)
     assert cfg.optim.lr == 3e-4
     assert cfg.train.compile is True

@@ -15,8 +15,15 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_tiny_recipe_learns_and_generates(tmp_path):
     out, data = tmp_path / "run", tmp_path / "data"
-    cmd = [sys.executable, "-m", "stoker", "train", str(ROOT / "recipes/pretrain/tiny.yaml"),
-           f"--train.out_dir={out}", f"--data.dir={data}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "stoker",
+        "train",
+        str(ROOT / "recipes/pretrain/tiny.yaml"),
+        f"--train.out_dir={out}",
+        f"--data.dir={data}",
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -24,8 +31,23 @@ def test_tiny_recipe_learns_and_generates(tmp_path):
     chance = math.log(2048)  # 7.62 nats: a uniform guess over the 2048-token vocabulary
     assert len(val) == 3 and val[-1] < val[0]
     assert val[-1] < chance - 3.0, val  # margin: at least 3 nats below chance
-    g = subprocess.run([sys.executable, "-m", "stoker", "generate", str(out), "--prompt",
-                        "def ", "--max-new-tokens", "48", "--seed", "0"],
-                       capture_output=True, text=True, timeout=300)
+    g = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stoker",
+            "generate",
+            str(out),
+            "--prompt",
+            "def ",
+            "--max-new-tokens",
+            "48",
+            "--seed",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert g.returncode == 0, g.stderr
     assert g.stdout.startswith("def ") and len(g.stdout.strip()) > 20

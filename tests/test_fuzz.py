@@ -375,8 +375,11 @@ def overrides(draw) -> list[str]:
     """Override arguments: mostly `--key=value`, sometimes `--key value` or malformed."""
     argv: list[str] = []
     if draw(st.integers(0, 5)) == 0:  # a Mixture-of-Recursions model that validates
-        argv += ["--recipe=mor", "--model.n_layer=4",
-                 f"--mor.recursions={draw(st.sampled_from([1, 2]))}"]
+        argv += [
+            "--recipe=mor",
+            "--model.n_layer=4",
+            f"--mor.recursions={draw(st.sampled_from([1, 2]))}",
+        ]
     for _ in range(draw(st.integers(0, 4))):
         key = draw(keys)
         value = draw(_value(key))
@@ -768,14 +771,30 @@ META_DTYPE = 3  # meta.json: format, version, vocab_size, dtype, ...
 )
 @example(target=("run", ".lock"), corruption=DIRECTORY, both=False, command="train")
 @example(target=("run", "metrics.jsonl"), corruption=DIRECTORY, both=False, command="train")
-@example(target=("ckpt", "stoker.json"), corruption=("json-field", (MARKER_FILES, 5)),
-         both=False, command="eval")
-@example(target=("ckpt", "stoker.json"), corruption=("json-field", (MARKER_CONFIG, None)),
-         both=False, command="generate")
-@example(target=("ckpt", "stoker.json"), corruption=("json-field", (MARKER_CONFIG, None)),
-         both=False, command="export-hf")
-@example(target=("data", "meta.json"), corruption=("json-field", (META_DTYPE, {"a": 1})),
-         both=False, command="eval")
+@example(
+    target=("ckpt", "stoker.json"),
+    corruption=("json-field", (MARKER_FILES, 5)),
+    both=False,
+    command="eval",
+)
+@example(
+    target=("ckpt", "stoker.json"),
+    corruption=("json-field", (MARKER_CONFIG, None)),
+    both=False,
+    command="generate",
+)
+@example(
+    target=("ckpt", "stoker.json"),
+    corruption=("json-field", (MARKER_CONFIG, None)),
+    both=False,
+    command="export-hf",
+)
+@example(
+    target=("data", "meta.json"),
+    corruption=("json-field", (META_DTYPE, {"a": 1})),
+    both=False,
+    command="eval",
+)
 def test_corrupted_run_or_data_file_falls_back_or_is_refused_in_one_line(
     target, corruption, both, command, fuzz_root, corpus, trained_run, capsys
 ):

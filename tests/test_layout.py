@@ -28,13 +28,20 @@ def test_source_files_stay_readable_in_one_sitting(path):
 
 def test_models_import_nothing_from_train_data_monitor_or_api():
     for path in (SRC / "models").glob("*.py"):
-        bad = {m for m in imported_modules(path)
-               if m.startswith(("stoker.train", "stoker.data", "stoker.monitor", "stoker.api",
-                                "torch.distributed"))}
+        bad = {
+            m
+            for m in imported_modules(path)
+            if m.startswith(
+                ("stoker.train", "stoker.data", "stoker.monitor", "stoker.api", "torch.distributed")
+            )
+        }
         assert not bad, f"models/{path.name} imports {sorted(bad)}"
 
 
 def test_only_the_benchmark_peer_imports_transformers():
-    users = {p.relative_to(SRC).as_posix() for p in FILES
-             if any(m.split(".")[0] in ("transformers", "peft") for m in imported_modules(p))}
+    users = {
+        p.relative_to(SRC).as_posix()
+        for p in FILES
+        if any(m.split(".")[0] in ("transformers", "peft") for m in imported_modules(p))
+    }
     assert users <= {"bench_workers.py"}, users

@@ -1,8 +1,8 @@
 """The Python API: build a model from a config, load one from a run, checkpoint or HF dir.
 
-    model = stoker.load_model("runs/tiny")          # latest checkpoint of a run
-    tok = stoker.load_tokenizer("runs/tiny")
-    logits = model(torch.tensor([tok.encode("def f(x):")]))   # (B, T, V)
+model = stoker.load_model("runs/tiny")          # latest checkpoint of a run
+tok = stoker.load_tokenizer("runs/tiny")
+logits = model(torch.tensor([tok.encode("def f(x):")]))   # (B, T, V)
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ from stoker.models.gpt import build_model as _build_decoder
 from stoker.train.checkpoint import MARKER, read_meta, resolve_checkpoint
 
 
-def build_model(config: ModelConfig | dict, device: str | torch.device | None = None,
-                mor: MoRConfig | dict | None = None) -> torch.nn.Module:
+def build_model(
+    config: ModelConfig | dict,
+    device: str | torch.device | None = None,
+    mor: MoRConfig | dict | None = None,
+) -> torch.nn.Module:
     """A freshly initialized model for a model config (or its dict): the decoder, or a
     Mixture-of-Recursions model when `mor` is given (uptrained from `mor.init_from` if set)."""
     if isinstance(config, dict):
@@ -36,8 +39,12 @@ def build_model(config: ModelConfig | dict, device: str | torch.device | None = 
         from stoker.train.sharded import load_model_state_dict
 
         src = resolve_checkpoint(mor.init_from)
-        uptrain(model, load_model_state_dict(src),
-                validate_config(read_meta(src)["config"]["model"], ModelConfig), mor.init)
+        uptrain(
+            model,
+            load_model_state_dict(src),
+            validate_config(read_meta(src)["config"]["model"], ModelConfig),
+            mor.init,
+        )
     return model
 
 

@@ -142,8 +142,13 @@ def run_train(
     if impl == "stoker":  # what `stoker train` builds: fused AdamW on CPU and CUDA
         opt = build_optimizer(model, ocfg, device)
     else:  # HF Trainer's default for torch >= 2.8 (`adamw_torch_fused`), same decay groups
-        opt = torch.optim.AdamW(param_groups(model, ocfg.weight_decay), lr=ocfg.lr,
-                                betas=ocfg.betas, eps=ocfg.eps, fused=True)
+        opt = torch.optim.AdamW(
+            param_groups(model, ocfg.weight_decay),
+            lr=ocfg.lr,
+            betas=ocfg.betas,
+            eps=ocfg.eps,
+            fused=True,
+        )
     T, gen = cfg.max_seq_len, torch.Generator().manual_seed(1)
     data = torch.randint(0, cfg.vocab_size, (BATCH, T + 1), generator=gen).to(device)
     ids, targets = data[:, :-1].contiguous(), data[:, 1:].contiguous()  # (B, T) each

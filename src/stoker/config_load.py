@@ -102,8 +102,10 @@ def _format_error(err: ValidationError, schema: type[BaseModel], data: dict[str,
         owners = _recipes_with_section(section) if section not in fields else []
         if owners and "recipe" in fields:
             name = schema.model_fields["recipe"].default
-            return (f"unknown config key {key!r} for recipe {name}; it is a section of "
-                    f"recipe {' or '.join(owners)} (set recipe: {owners[0]})")
+            return (
+                f"unknown config key {key!r} for recipe {name}; it is a section of "
+                f"recipe {' or '.join(owners)} (set recipe: {owners[0]})"
+            )
         near = difflib.get_close_matches(key, valid_keys(schema), n=1, cutoff=0.6)
         hint = f"; did you mean {near[0]}?" if near else ""
         return f"unknown config key {key!r}{hint}"

@@ -168,9 +168,11 @@ def export_hf_command(args) -> int:
     out = export_hf(args.path, args.out, getattr(args, "adapter", False))
     if getattr(args, "adapter", False):
         base = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
-        print(f"exported the adapter of {args.path} -> {out} (PEFT; load with "
-              f"peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), "
-              f"{str(out)!r}))")
+        print(
+            f"exported the adapter of {args.path} -> {out} (PEFT; load with "
+            f"peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), "
+            f"{str(out)!r}))"
+        )
         return 0
     arch = json.loads((out / "config.json").read_text())["architectures"][0]
     print(

@@ -36,8 +36,11 @@ def choose_cpu_math(deterministic: bool) -> None:
     # (measured: runs differed while another process kept a core busy, and were identical
     # with these set); the count is what torch's intra-op pool will use
     threads = os.environ.get("OMP_NUM_THREADS") or str(_cores())
-    for key, value in (("MKL_NUM_THREADS", threads), ("MKL_DYNAMIC", "FALSE"),
-                       ("OMP_DYNAMIC", "FALSE")):
+    for key, value in (
+        ("MKL_NUM_THREADS", threads),
+        ("MKL_DYNAMIC", "FALSE"),
+        ("OMP_DYNAMIC", "FALSE"),
+    ):
         os.environ.setdefault(key, value)
     _SET_TOO_LATE[:] = ["torch" in sys.modules]
 
@@ -68,8 +71,7 @@ def _has_mkl() -> bool:
     try:
         import torch
 
-        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib",
-                                       "libtorch_cpu.so"))
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so"))
         return hasattr(lib, "mkl_serv_cbwr_get")
     except OSError:
         return False
@@ -102,10 +104,12 @@ def configure(deterministic: bool, device_type: str) -> str:
         torch.backends.cudnn.benchmark = False
         return "deterministic CUDA algorithms, cuBLAS workspace :4096:8"
     if not deterministic:
-        return "off" + (" (MKL's reproducible mode set in this process)" if cpu == "strict"
-                        else "")
-    return {"strict": "MKL CNR AUTO,STRICT", "no-mkl": "no MKL (nothing to set)",
-            "env": f"MKL_CBWR={os.environ.get('MKL_CBWR')} (from the environment)",
-            "too-late": "WARNING: torch was imported before stoker could choose MKL's "
-                        "reproducible mode, so runs may differ in the last bits; set "
-                        "MKL_CBWR=AUTO,STRICT in the environment or use `stoker train`"}[cpu]
+        return "off" + (" (MKL's reproducible mode set in this process)" if cpu == "strict" else "")
+    return {
+        "strict": "MKL CNR AUTO,STRICT",
+        "no-mkl": "no MKL (nothing to set)",
+        "env": f"MKL_CBWR={os.environ.get('MKL_CBWR')} (from the environment)",
+        "too-late": "WARNING: torch was imported before stoker could choose MKL's "
+        "reproducible mode, so runs may differ in the last bits; set "
+        "MKL_CBWR=AUTO,STRICT in the environment or use `stoker train`",
+    }[cpu]

@@ -354,8 +354,12 @@ def test_prepare_removes_staging_dirs_of_dead_prepares(tmp_path):
     from stoker.config import load_config
     from stoker.data.prepare import prepare
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                          capture_output=True, text=True, check=True)
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     data = tmp_path / "data"
     stale = data / f".prepare-{dead.stdout.strip()}"
     live = data / f".prepare-{os.getppid()}"  # a running process: another prepare, kept
@@ -364,6 +368,15 @@ def test_prepare_removes_staging_dirs_of_dead_prepares(tmp_path):
         (d / "train-00000.bin").write_bytes(b"\0" * 64)
     src = tmp_path / "a.txt"
     src.write_text("def f(x):\n    return x + 1\n" * 50)
-    prepare(load_config(None, [f"--data.dir={data}", f"--data.sources={src}",
-                               "--data.tokenizer.vocab_size=300", "--data.val_fraction=0"]))
+    prepare(
+        load_config(
+            None,
+            [
+                f"--data.dir={data}",
+                f"--data.sources={src}",
+                "--data.tokenizer.vocab_size=300",
+                "--data.val_fraction=0",
+            ],
+        )
+    )
     assert not stale.exists() and live.exists()

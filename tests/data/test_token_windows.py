@@ -132,8 +132,16 @@ def test_stream_with_workers_yields_the_same_batches_in_order(data_dir):
     windows = TokenWindows(data_dir, "train", T, B, seed=5)
     expected = [windows.batch(s, 1, 2, m, 2) for s in range(3, 7) for m in range(2)]
     for workers in (0, 2):
-        with BatchStream(windows, 3, 7, rank=1, world=2, n_micro=2, num_workers=workers,
-                         prefetch_factor=2 if workers else None) as stream:
+        with BatchStream(
+            windows,
+            3,
+            7,
+            rank=1,
+            world=2,
+            n_micro=2,
+            num_workers=workers,
+            prefetch_factor=2 if workers else None,
+        ) as stream:
             got = list(stream)
         assert len(got) == len(expected)
         for (x, y), (ex, ey) in zip(got, expected, strict=True):
@@ -154,13 +162,22 @@ def test_loader_settings_auto_and_overrides(monkeypatch):
     from stoker.data import loader
 
     monkeypatch.setattr(loader, "cpu_cores", lambda: 16)
-    assert loader.loader_settings("cpu") == {"num_workers": 0, "pin_memory": False,
-                                             "prefetch_factor": None}
-    assert loader.loader_settings("cuda") == {"num_workers": 4, "pin_memory": True,
-                                              "prefetch_factor": 2}
+    assert loader.loader_settings("cpu") == {
+        "num_workers": 0,
+        "pin_memory": False,
+        "prefetch_factor": None,
+    }
+    assert loader.loader_settings("cuda") == {
+        "num_workers": 4,
+        "pin_memory": True,
+        "prefetch_factor": 2,
+    }
     # 8 GPU processes on 16 cores: 2 cores each, one left to the training process
     assert loader.loader_settings("cuda", local_world=8)["num_workers"] == 1
     assert loader.loader_settings("cuda", local_world=16)["num_workers"] == 0
-    assert loader.loader_settings("cpu", 3, True, 4) == {"num_workers": 3, "pin_memory": False,
-                                                         "prefetch_factor": 4}
+    assert loader.loader_settings("cpu", 3, True, 4) == {
+        "num_workers": 3,
+        "pin_memory": False,
+        "prefetch_factor": 4,
+    }
     assert loader.loader_settings("cuda", 0, "auto")["prefetch_factor"] is None

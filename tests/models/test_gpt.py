@@ -85,8 +85,9 @@ def test_tied_embeddings_share_one_parameter():
 
 
 def test_init_scales_residual_projections():
-    model = build_model(ModelConfig(arch="llama", n_layer=8, n_head=4, d_model=256,
-                                    vocab_size=1000, init_std=0.02))
+    model = build_model(
+        ModelConfig(arch="llama", n_layer=8, n_head=4, d_model=256, vocab_size=1000, init_std=0.02)
+    )
     q = model.layers[0].self_attn.q_proj.weight.std().item()
     o = model.layers[0].self_attn.o_proj.weight.std().item()
     assert abs(q - 0.02) < 0.002

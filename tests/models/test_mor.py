@@ -224,8 +224,7 @@ def test_unselected_tokens_are_bitwise_unchanged_and_selected_get_gated_update()
 @pytest.mark.parametrize("hidden", [0, 16], ids=["linear", "mlp"])
 @pytest.mark.parametrize("router", ["expert", "token"])
 def test_routers_receive_gradients_from_lm_and_auxiliary_loss(router, hidden):
-    model = tiny_mor(6, recursions=2, sharing="middle_cycle", router=router,
-                     router_hidden=hidden)
+    model = tiny_mor(6, recursions=2, sharing="middle_cycle", router=router, router_hidden=hidden)
     weights = [p for r in model.routers for p in r.parameters()]
     assert len(weights) == len(model.routers) * (2 if hidden else 1)
     x = torch.randint(0, V, (2, 12))

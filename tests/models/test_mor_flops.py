@@ -37,8 +37,10 @@ def counted_flops(model, x, backward: bool) -> int:
         dict(router="expert", recursions=3, sharing="cycle", kv_cache="shared"),
         dict(router="none", recursions=2, sharing="middle_cycle", kv_cache="shared"),
     ],
-    ids=lambda m: f"{m['router']}{'-mlp' if m.get('router_hidden') else ''}-R{m['recursions']}-"
-    f"{m.get('kv_cache', 'recursion')}",
+    ids=lambda m: (
+        f"{m['router']}{'-mlp' if m.get('router_hidden') else ''}-R{m['recursions']}-"
+        f"{m.get('kv_cache', 'recursion')}"
+    ),
 )
 def test_analytic_mor_flops_within_5_percent_of_flop_counter(mor):
     mor = MoRConfig(**mor)

@@ -31,7 +31,9 @@ def test_projector_gives_n_tokens_or_one_per_item():
 
 def test_a_mixed_batch_gets_features_or_the_missing_embedding_per_sample():
     m = tiny()
-    ids = torch.tensor([[1, IMG, IMG, IMG, 7, 8], [1, 2, IMG, IMG, IMG, 9], [IMG, IMG, IMG, 3, 4, 6]])
+    ids = torch.tensor(
+        [[1, IMG, IMG, IMG, 7, 8], [1, 2, IMG, IMG, IMG, 9], [IMG, IMG, IMG, 3, 4, 6]]
+    )
     images = torch.randn(3, 1, 8, 8)
     batch = {"input_ids": ids, "image": images, "has_image": torch.tensor([True, False, True])}
     x = m.embed(batch)

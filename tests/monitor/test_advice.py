@@ -67,8 +67,7 @@ def test_compile_off_on_long_cuda_run_suggests_compile():
     assert compile_off_long_run(Signals(**GPU, max_steps=100)) is None
     assert compile_off_long_run(Signals(**GPU, max_steps=20_000, compile=True)) is None
     assert compile_off_long_run(Signals(device_type="cpu", max_steps=20_000)) is None  # fp32
-    cpu_bf16 = compile_off_long_run(Signals(device_type="cpu", precision="bf16",
-                                            max_steps=20_000))
+    cpu_bf16 = compile_off_long_run(Signals(device_type="cpu", precision="bf16", max_steps=20_000))
     assert cpu_bf16 is not None and "bf16 CPU run" in cpu_bf16
 
 

@@ -109,8 +109,11 @@ def test_count_of_a_lora_recipe_reports_the_adapters_as_trainable(ft_recipe, ft_
     2 kv heads of 8, d_ff 64), r = 4 on every linear but the LM head."""
     recipe = ft_recipe.parent / "lora.yaml"
     overrides = dict(a.removeprefix("--").split("=", 1) for a in ft_args())
-    lines = ["recipe: finetune", f"train: {{init_from: {overrides['train.init_from']}}}",
-             "lora: {r: 4, targets: all-linear}"]
+    lines = [
+        "recipe: finetune",
+        f"train: {{init_from: {overrides['train.init_from']}}}",
+        "lora: {r: 4, targets: all-linear}",
+    ]
     recipe.write_text("\n".join(lines) + "\n")
     assert main(["count", str(recipe), "--json"]) == 0
     got = json.loads(capsys.readouterr().out)

@@ -8,13 +8,27 @@ import pytest
 from stoker.config import load_config
 
 BASE = [
-    "--model.preset=tiny-llama", "--model.n_layer=2", "--model.d_model=32", "--model.n_head=4",
-    "--model.n_kv_head=2", "--model.d_ff=64", "--model.vocab_size=320",
-    "--model.max_seq_len=32", "--data.sources=python-stdlib", "--data.max_documents=40",
-    "--data.tokenizer.vocab_size=320", "--train.batch_size=8", "--train.micro_batch_size=8",
-    "--train.max_steps=12", "--train.log_interval=1", "--train.eval_interval=6",
-    "--train.eval_steps=2", "--train.save_interval=6", "--train.precision=fp32",
-    "--optim.lr=3e-3", "--optim.warmup_steps=2",
+    "--model.preset=tiny-llama",
+    "--model.n_layer=2",
+    "--model.d_model=32",
+    "--model.n_head=4",
+    "--model.n_kv_head=2",
+    "--model.d_ff=64",
+    "--model.vocab_size=320",
+    "--model.max_seq_len=32",
+    "--data.sources=python-stdlib",
+    "--data.max_documents=40",
+    "--data.tokenizer.vocab_size=320",
+    "--train.batch_size=8",
+    "--train.micro_batch_size=8",
+    "--train.max_steps=12",
+    "--train.log_interval=1",
+    "--train.eval_interval=6",
+    "--train.eval_steps=2",
+    "--train.save_interval=6",
+    "--train.precision=fp32",
+    "--optim.lr=3e-3",
+    "--optim.warmup_steps=2",
 ]
 
 

@@ -29,8 +29,9 @@ def test_fused_adamw_matches_foreach_reference():
     b.load_state_dict(a.state_dict())
     cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
     fused = build_optimizer(a, cfg, "cpu")
-    ref = torch.optim.AdamW(param_groups(b, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                            eps=cfg.eps, foreach=True)
+    ref = torch.optim.AdamW(
+        param_groups(b, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, foreach=True
+    )
     for _ in range(3):
         grads = [torch.randn_like(p) for p in a.parameters()]
         for m, opt in ((a, fused), (b, ref)):
@@ -50,8 +51,7 @@ def test_cosine_schedule_hand_values():
 
 
 def test_wsd_schedule_decays_linearly_over_last_fraction():
-    cfg = OptimConfig(lr=2.0, min_lr_ratio=0.0, schedule="wsd", warmup_steps=5,
-                      decay_fraction=0.2)
+    cfg = OptimConfig(lr=2.0, min_lr_ratio=0.0, schedule="wsd", warmup_steps=5, decay_fraction=0.2)
     assert lr_at(4, 100, cfg) == pytest.approx(2.0)
     assert lr_at(79, 100, cfg) == pytest.approx(2.0)
     assert lr_at(80, 100, cfg) == pytest.approx(2.0)

@@ -53,9 +53,18 @@ def test_two_runs_with_the_same_seed_are_bit_identical(make_args, tmp_path, stra
 def test_cli_runs_choose_reproducible_cpu_math(make_args, tmp_path, recipe):
     runs = []
     for name in ("a", "b"):
-        proc = subprocess.run([sys.executable, "-m", "stoker", "train", str(recipe),
-                               *make_args("--train.max_steps=4", out=tmp_path / name)],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "stoker",
+                "train",
+                str(recipe),
+                *make_args("--train.max_steps=4", out=tmp_path / name),
+            ],
+            capture_output=True,
+            text=True,
+        )
         assert proc.returncode == 0, proc.stderr
         runs.append(tmp_path / name)
     assert "deterministic: " in proc.stdout and "WARNING" not in proc.stdout
@@ -79,7 +88,8 @@ DAMAGE = {
 
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_latest_checkpoint_resumes_from_the_previous_one(
-        damage, straight, make_args, tmp_path, capsys):
+    damage, straight, make_args, tmp_path, capsys
+):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
     DAMAGE[damage](out / "checkpoints" / "step-00000012")
@@ -96,8 +106,9 @@ def test_damaged_latest_checkpoint_resumes_from_the_previous_one(
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_explicit_resume_from_a_damaged_checkpoint_is_one_line(straight, make_args, tmp_path,
-                                                                recipe, capsys):
+def test_explicit_resume_from_a_damaged_checkpoint_is_one_line(
+    straight, make_args, tmp_path, recipe, capsys
+):
     out = tmp_path / "copy"
     shutil.copytree(straight, out)
     ckpt = out / "checkpoints" / "step-00000012"
@@ -115,8 +126,7 @@ def test_eval_of_a_run_skips_its_damaged_latest_checkpoint(straight, tmp_path, c
     assert main(["eval", str(out), "--json"]) == 0
     captured = capsys.readouterr()
     assert "skipping damaged checkpoint" in captured.err
-    assert json.loads(captured.out.strip().splitlines()[-1])["checkpoint"].endswith(
-        "step-00000006")
+    assert json.loads(captured.out.strip().splitlines()[-1])["checkpoint"].endswith("step-00000006")
 
 
 # ------------------------------------------------------------------------------ leftovers
@@ -146,8 +156,11 @@ def test_checkpoint_manifest_lists_every_file_with_size_and_hash(straight):
 
     ckpt = list_checkpoints(straight)[-1]
     files = json.loads((ckpt / "stoker.json").read_text())["files"]
-    on_disk = {p.relative_to(ckpt).as_posix() for p in ckpt.rglob("*")
-               if p.is_file() and p.name != "stoker.json"}
+    on_disk = {
+        p.relative_to(ckpt).as_posix()
+        for p in ckpt.rglob("*")
+        if p.is_file() and p.name != "stoker.json"
+    }
     assert set(files) == on_disk and {"model.safetensors", "optimizer.pt"} <= on_disk
     for rel, entry in files.items():
         data = (ckpt / rel).read_bytes()
@@ -164,12 +177,12 @@ time.sleep(600)
 """
 
 
-def test_second_run_in_one_out_dir_is_refused_naming_the_first(make_args, tmp_path, recipe,
-                                                                capsys):
+def test_second_run_in_one_out_dir_is_refused_naming_the_first(make_args, tmp_path, recipe, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         err = one_line_error(["train", str(recipe), *make_args("--train.max_steps=2")], capsys)
@@ -184,7 +197,8 @@ def test_second_run_in_one_out_dir_is_refused_naming_the_first(make_args, tmp_pa
 
 # ------------------------------------------------------------------------------ full disk
 def test_full_disk_during_save_is_one_line_and_keeps_the_previous_checkpoint(
-        straight, make_args, tmp_path, recipe, capsys, monkeypatch):
+    straight, make_args, tmp_path, recipe, capsys, monkeypatch
+):
     out = tmp_path / "run"
     shutil.copytree(straight, out)
     before = list_checkpoints(out)

@@ -79,8 +79,17 @@ def test_gradient_accumulation_does_not_inflate_data_wait(make_args, tmp_path):
     waits = {}
     for micro in (8, 2):
         out = tmp_path / f"m{micro}"
-        train(load_config(None, make_args("--train.max_steps=6", "--train.eval_interval=0",
-                                          f"--train.micro_batch_size={micro}", out=out)))
+        train(
+            load_config(
+                None,
+                make_args(
+                    "--train.max_steps=6",
+                    "--train.eval_interval=0",
+                    f"--train.micro_batch_size={micro}",
+                    out=out,
+                ),
+            )
+        )
         rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
         waits[micro] = max(r["data_wait"] for r in rows[1:] if "data_wait" in r)
     assert waits[8] < 0.3 and waits[2] < 0.3, waits

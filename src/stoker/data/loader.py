@@ -150,10 +150,16 @@ class TokenWindows:
 class _MicroBatches(torch.utils.data.Dataset):
     """Item i = micro-batch (i mod n_micro) of step start + i // n_micro, this rank's rows."""
 
-    def __init__(self, windows: TokenWindows, start: int, end: int, rank: int, world: int,
-                 n_micro: int):
+    def __init__(
+        self, windows: TokenWindows, start: int, end: int, rank: int, world: int, n_micro: int
+    ):
         self.windows, self.start, self.rank, self.world, self.n_micro = (
-            windows, start, rank, world, n_micro)
+            windows,
+            start,
+            rank,
+            world,
+            n_micro,
+        )
         self.n = max(0, end - start) * n_micro
 
     def __len__(self) -> int:
@@ -164,9 +170,13 @@ class _MicroBatches(torch.utils.data.Dataset):
         return self.windows.batch(step, self.rank, self.world, micro, self.n_micro)
 
 
-def loader_settings(device_type: str, num_workers: int | str = "auto",
-                    pin_memory: bool | str = "auto", prefetch_factor: int = 2,
-                    local_world: int = 1) -> dict[str, Any]:
+def loader_settings(
+    device_type: str,
+    num_workers: int | str = "auto",
+    pin_memory: bool | str = "auto",
+    prefetch_factor: int = 2,
+    local_world: int = 1,
+) -> dict[str, Any]:
     """Resolved DataLoader settings for `data.num_workers / pin_memory / prefetch_factor`.
 
     auto: on a GPU, min(4, cores per local process − 1) workers (one core stays with the
@@ -181,24 +191,43 @@ def loader_settings(device_type: str, num_workers: int | str = "auto",
     if pin_memory == "auto":
         pin_memory = accelerated
     num_workers = max(0, int(num_workers))
-    return {"num_workers": num_workers, "pin_memory": bool(pin_memory) and accelerated,
-            "prefetch_factor": prefetch_factor if num_workers else None}
+    return {
+        "num_workers": num_workers,
+        "pin_memory": bool(pin_memory) and accelerated,
+        "prefetch_factor": prefetch_factor if num_workers else None,
+    }
 
 
 class BatchStream:
     """This rank's micro-batches (x, y) of steps [start, end) in order; see the module doc."""
 
-    def __init__(self, windows: TokenWindows, start: int, end: int, rank: int = 0,
-                 world: int = 1, n_micro: int = 1, num_workers: int = 0,
-                 pin_memory: bool = False, prefetch_factor: int | None = None):
+    def __init__(
+        self,
+        windows: TokenWindows,
+        start: int,
+        end: int,
+        rank: int = 0,
+        world: int = 1,
+        n_micro: int = 1,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ):
         self._data = _MicroBatches(windows, start, end, rank, world, n_micro)
         if num_workers == 0 and not pin_memory:
             self._it: Iterator = (self._data[i] for i in range(len(self._data)))
         else:
-            self._it = iter(torch.utils.data.DataLoader(
-                self._data, batch_size=None, shuffle=False, num_workers=num_workers,
-                pin_memory=pin_memory, prefetch_factor=prefetch_factor if num_workers else None,
-                persistent_workers=False))
+            self._it = iter(
+                torch.utils.data.DataLoader(
+                    self._data,
+                    batch_size=None,
+                    shuffle=False,
+                    num_workers=num_workers,
+                    pin_memory=pin_memory,
+                    prefetch_factor=prefetch_factor if num_workers else None,
+                    persistent_workers=False,
+                )
+            )
 
     def __iter__(self) -> BatchStream:
         return self

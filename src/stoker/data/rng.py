@@ -55,8 +55,10 @@ def micro_slice(batch_size: int, rank: int, world: int, micro: int, n_micro: int
 
     parts = world * n_micro
     if batch_size % parts:
-        raise StokerError(f"global batch size {batch_size} is not divisible by {world} "
-                          f"processes × {n_micro} micro-steps")
+        raise StokerError(
+            f"global batch size {batch_size} is not divisible by {world} "
+            f"processes × {n_micro} micro-steps"
+        )
     if not (0 <= rank < world and 0 <= micro < n_micro):
         raise ValueError(f"rank {rank}/{world}, micro-step {micro}/{n_micro} out of range")
     per = batch_size // parts

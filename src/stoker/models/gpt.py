@@ -111,9 +111,13 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(C, K * D, bias=qkv_bias)
         self.o_proj = nn.Linear(H * D, C, bias=cfg.bias)
 
-    def forward(self, x: torch.Tensor, rope: Rope | None = None,
-                cache: LayerCache | None = None, attn_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope | None = None,
+        cache: LayerCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """`attn_mask` (B, 1, T, T) bool, True = may attend, replaces the causal mask (packed
         rows: causal within each document)."""
         B, T, C = x.shape
@@ -136,8 +140,9 @@ class Attention(nn.Module):
             mask = torch.arange(S, device=x.device)[None, :] <= (S - T) + i  # (T, S)
             causal = False
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
-                                           is_causal=causal, enable_gqa=gqa)  # (B, H, T, D)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, enable_gqa=gqa
+        )  # (B, H, T, D)
         y = y.transpose(1, 2).reshape(B, T, H * D)  # (B, T, H·D)
         return self.o_proj(y)
 
@@ -178,9 +183,13 @@ class Block(nn.Module):
         self.post_attention_layernorm = make_norm(cfg)
         self.mlp = SwiGLU(cfg) if cfg.arch == "llama" else GeluMLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: Rope | None = None,
-                cache: LayerCache | None = None, attn_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: Rope | None = None,
+        cache: LayerCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), rope, cache, attn_mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -197,8 +206,9 @@ class Decoder(nn.Module):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.embed_positions = (nn.Embedding(cfg.max_seq_len, cfg.d_model)
-                                if cfg.arch == "gpt2" else None)
+        self.embed_positions = (
+            nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
+        )
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)
@@ -207,18 +217,23 @@ class Decoder(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self._rope_cache: Rope | None = None  # tables for positions 0.., see `_rope_range`
 
-    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                 Rope | None]:
+    def embed(
+        self, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> tuple[torch.Tensor, Rope | None]:
         """Embedded tokens (B, T, C) and the RoPE tables for `positions` (None for GPT-2)."""
         x = self.embed_tokens(input_ids)  # (B, T, C)
         if self.embed_positions is not None:
             return self.drop(x + self.embed_positions(positions)), None
         return self.drop(x), rope_tables(positions, self.config.dim_head, self.config.rope_theta)
 
-    def forward(self, input_ids: torch.Tensor | None, cache: KVCache | None = None,
-                position_ids: torch.Tensor | None = None,
-                attn_mask: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        cache: KVCache | None = None,
+        position_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if inputs_embeds is not None:  # token embeddings given (e.g. with spliced-in features)
             return self._forward_embeds(inputs_embeds, cache)
         B, T = input_ids.shape
@@ -229,8 +244,10 @@ class Decoder(nn.Module):
             return self.lm_head(self.norm(x))  # (B, T, V)
         start = cache.length if cache is not None else 0
         if self.embed_positions is not None and start + T > self.config.max_seq_len:
-            raise ValueError(f"{start + T} positions exceed max_seq_len="
-                             f"{self.config.max_seq_len} of this learned-position model")
+            raise ValueError(
+                f"{start + T} positions exceed max_seq_len="
+                f"{self.config.max_seq_len} of this learned-position model"
+            )
         if self.embed_positions is not None:
             x, rope = self.embed(input_ids, torch.arange(start, start + T, device=input_ids.device))
         else:  # slices of cached tables: a decoding step costs no table recomputation
@@ -248,8 +265,10 @@ class Decoder(nn.Module):
         positions = torch.arange(start, start + T, device=x.device)
         if self.embed_positions is not None:
             if start + T > self.config.max_seq_len:
-                raise ValueError(f"{start + T} positions exceed max_seq_len="
-                                 f"{self.config.max_seq_len} of this learned-position model")
+                raise ValueError(
+                    f"{start + T} positions exceed max_seq_len="
+                    f"{self.config.max_seq_len} of this learned-position model"
+                )
             x, rope = self.drop(x + self.embed_positions(positions)), None
         else:
             x, rope = self.drop(x), self._rope_range(start, start + T, x.device)
@@ -265,21 +284,29 @@ class Decoder(nn.Module):
         Under torch.compile the graph computes them itself (fused, and no guard on the Python
         cache that would recompile the forward on its second call)."""
         if torch.compiler.is_compiling():
-            return rope_tables(torch.arange(start, end, device=device), self.config.dim_head,
-                               self.config.rope_theta)
-        if (self._rope_cache is None or self._rope_cache[0].device != device
-                or self._rope_cache[0].shape[0] < end):
+            return rope_tables(
+                torch.arange(start, end, device=device),
+                self.config.dim_head,
+                self.config.rope_theta,
+            )
+        if (
+            self._rope_cache is None
+            or self._rope_cache[0].device != device
+            or self._rope_cache[0].shape[0] < end
+        ):
             n = max(end, self.config.max_seq_len)
             with torch.inference_mode(False):  # normal tensors, so autograd may save them later
-                self._rope_cache = rope_tables(torch.arange(n, device=device),
-                                               self.config.dim_head, self.config.rope_theta)
+                self._rope_cache = rope_tables(
+                    torch.arange(n, device=device), self.config.dim_head, self.config.rope_theta
+                )
         cos, sin = self._rope_cache
         return cos[start:end], sin[start:end]  # (T, D) each
 
     def new_cache(self, batch: int, max_len: int | None = None, dtype=None) -> KVCache:
         p = self.embed_tokens.weight
-        return KVCache(self.config, batch, max_len or self.config.max_seq_len, p.device,
-                       dtype or p.dtype)
+        return KVCache(
+            self.config, batch, max_len or self.config.max_seq_len, p.device, dtype or p.dtype
+        )
 
 
 _LOSS_CHUNK = 1 << 21  # logits per CPU cross-entropy piece: 8 MB in fp32
@@ -291,8 +318,9 @@ def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -10
     return total / count
 
 
-def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+def lm_loss_sum(
+    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(Σ next-token cross-entropy in float32, number of targets != `ignore_index`);
     `targets` are already shifted (B, T). The training loop divides the sum by the count of
     the whole step (all micro-batches and ranks), so masked batches weigh every target alike.
@@ -303,12 +331,17 @@ def lm_loss_sum(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int =
     logits, targets = logits.flatten(0, 1), targets.flatten()  # (B·T, V), (B·T,)
     count = (targets != ignore_index).sum()
     if logits.device.type != "cpu" or logits.numel() <= _LOSS_CHUNK:
-        return F.cross_entropy(logits.float(), targets, ignore_index=ignore_index,
-                               reduction="sum"), count
+        return F.cross_entropy(
+            logits.float(), targets, ignore_index=ignore_index, reduction="sum"
+        ), count
     rows = max(1, _LOSS_CHUNK // logits.shape[1])
     pieces = zip(logits.split(rows), targets.split(rows), strict=True)  # (rows, V), (rows,)
-    total = torch.stack([F.cross_entropy(chunk.float(), t, ignore_index=ignore_index,
-                                         reduction="sum") for chunk, t in pieces]).sum()
+    total = torch.stack(
+        [
+            F.cross_entropy(chunk.float(), t, ignore_index=ignore_index, reduction="sum")
+            for chunk, t in pieces
+        ]
+    ).sum()
     return total, count
 
 

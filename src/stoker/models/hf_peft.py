@@ -192,9 +192,10 @@ def adapter_metadata(adapter_dir: str | Path) -> dict[str, str]:
 
     path = Path(adapter_dir) / WEIGHTS
     fix = "re-save the adapter"
-    with file_errors(path, "is not a readable safetensors file", fix), safe_open(
-        str(path), framework="pt"
-    ) as f:
+    with (
+        file_errors(path, "is not a readable safetensors file", fix),
+        safe_open(str(path), framework="pt") as f,
+    ):
         return dict(f.metadata() or {})
 
 

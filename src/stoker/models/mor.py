@@ -97,8 +97,11 @@ class MoRDecoder(Decoder):
         self.n_edge = 1 if mor.sharing.startswith("middle") else 0  # unique first/last layers
         self.block_size = (cfg.n_layer - 2 * self.n_edge) // R
         self.router = mor.router if R > 1 else "none"
-        self.plain = self.router == "none" and (mor.kv_cache == "recursion" or R == 1) and (
-            mor.baseline_gate is None or R == 1)
+        self.plain = (
+            self.router == "none"
+            and (mor.kv_cache == "recursion" or R == 1)
+            and (mor.baseline_gate is None or R == 1)
+        )
         C = cfg.d_model
         hidden = mor.router_hidden
         if self.router == "expert":
@@ -333,8 +336,9 @@ def make_router(d_model: int, out: int, hidden: int = 0) -> nn.Module:
     cannot change a top-k choice)."""
     if hidden == 0:
         return nn.Linear(d_model, out, bias=False)
-    return nn.Sequential(nn.Linear(d_model, hidden, bias=False), nn.GELU(),
-                         nn.Linear(hidden, out, bias=False))
+    return nn.Sequential(
+        nn.Linear(d_model, hidden, bias=False), nn.GELU(), nn.Linear(hidden, out, bias=False)
+    )
 
 
 def build_mor(

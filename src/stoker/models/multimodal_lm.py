@@ -40,9 +40,7 @@ class MultimodalLM(nn.Module):
         self.encoders, self.aligner, self.lm = encoders, aligner, lm
         self.tag_ids, self.n_tokens = dict(tag_ids), n_tokens
         C = lm.config.d_model
-        self.projectors = nn.ModuleDict(
-            {m: Projector(aligner.dim, C, n_tokens) for m in encoders}
-        )
+        self.projectors = nn.ModuleDict({m: Projector(aligner.dim, C, n_tokens) for m in encoders})
         self.missing = nn.ParameterDict(
             {m: nn.Parameter(torch.randn(n_tokens, C) * lm.config.init_std) for m in encoders}
         )

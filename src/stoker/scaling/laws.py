@@ -96,10 +96,17 @@ def parse_law(text: str) -> Chinchilla:
         values = [float(v) for v in text.split(",")]
     except ValueError:
         values = []
-    if len(values) != 5 or not all(map(math.isfinite, values)) or values[0] < 0 or \
-            min(values[1:]) <= 0 or max(values[3:]) > 10:
-        raise StokerError(f"--law takes five numbers E,A,B,alpha,beta (E >= 0; A, B > 0; "
-                          f"0 < alpha, beta <= 10), got {text!r}")
+    if (
+        len(values) != 5
+        or not all(map(math.isfinite, values))
+        or values[0] < 0
+        or min(values[1:]) <= 0
+        or max(values[3:]) > 10
+    ):
+        raise StokerError(
+            f"--law takes five numbers E,A,B,alpha,beta (E >= 0; A, B > 0; "
+            f"0 < alpha, beta <= 10), got {text!r}"
+        )
     return Chinchilla(*values)
 
 

@@ -39,8 +39,11 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", nargs="?", help="recipe YAML (or use --preset)")
     parser.add_argument("--preset", help=f"model preset instead of a recipe: {', '.join(PRESETS)}")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the recipe's)")
-    parser.add_argument("--micro-batch-size", type=int,
-                        help="sequences per GPU per forward, for memory (default: the recipe's)")
+    parser.add_argument(
+        "--micro-batch-size",
+        type=int,
+        help="sequences per GPU per forward, for memory (default: the recipe's)",
+    )
     parser.add_argument(
         "--num-gpus",
         type=int,
@@ -66,18 +69,28 @@ def add_arguments(name: str, parser: argparse.ArgumentParser) -> None:
         choices=list(flops.CONVENTIONS),
         help="FLOPs/token convention the MFU refers to (default palm)",
     )
-    parser.add_argument("--strategy", choices=flops.STRATEGIES,
-                        help="memory estimate for this strategy (default: the recipe's)")
+    parser.add_argument(
+        "--strategy",
+        choices=flops.STRATEGIES,
+        help="memory estimate for this strategy (default: the recipe's)",
+    )
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--tokens", type=_amount, help="training tokens D (e.g. 85B)")
     budget.add_argument("--budget-flops", type=_amount, help="compute budget C = 6·N·D")
     budget.add_argument("--hours", type=float, help="wall-clock hours on the GPUs")
     parser.add_argument("--price-per-gpu-hour", type=float, help="price of one GPU-hour")
     parser.add_argument("--law", help="your own Chinchilla constants E,A,B,alpha,beta")
-    parser.add_argument("--fit", nargs="+", metavar="RUN",
-                        help="fit the law to these runs (metrics.jsonl files or run dirs)")
-    parser.add_argument("--fit-final-only", action="store_true",
-                        help="fit on each run's last point only (default: every logged point)")
+    parser.add_argument(
+        "--fit",
+        nargs="+",
+        metavar="RUN",
+        help="fit the law to these runs (metrics.jsonl files or run dirs)",
+    )
+    parser.add_argument(
+        "--fit-final-only",
+        action="store_true",
+        help="fit on each run's last point only (default: every logged point)",
+    )
     parser.add_argument("--target-loss", type=float, help="also report tokens to reach it")
 
 

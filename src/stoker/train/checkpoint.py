@@ -79,8 +79,10 @@ def tensors_sha256(tensors: dict[str, Any]) -> str:
 def build_manifest(directory: Path) -> dict[str, dict[str, Any]]:
     """{relative path: {size, sha256}} of every file under `directory` (the marker excluded)."""
     files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MARKER)
-    return {p.relative_to(directory).as_posix(): {"size": p.stat().st_size,
-                                                  "sha256": file_sha256(p)} for p in files}
+    return {
+        p.relative_to(directory).as_posix(): {"size": p.stat().st_size, "sha256": file_sha256(p)}
+        for p in files
+    }
 
 
 def checkpoint_problem(ckpt: str | Path) -> str | None:
@@ -98,13 +100,17 @@ def checkpoint_problem(ckpt: str | Path) -> str | None:
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         return f"{MARKER} has no model config"
     files = meta.get("files")
-    if files is not None and not (isinstance(files, dict) and all(
-            isinstance(v, dict) for v in files.values())):
+    if files is not None and not (
+        isinstance(files, dict) and all(isinstance(v, dict) for v in files.values())
+    ):
         return f"{MARKER} has a malformed file manifest"
     if files is None:  # written before manifests
         weights = ckpt / "model.safetensors"
-        return None if weights.is_file() or (ckpt / "model").is_dir() else \
-            "model.safetensors is missing"
+        return (
+            None
+            if weights.is_file() or (ckpt / "model").is_dir()
+            else "model.safetensors is missing"
+        )
     for rel, want in files.items():
         path = ckpt / rel
         if not path.is_file():
@@ -125,13 +131,14 @@ def verify_checkpoint(ckpt: str | Path) -> Path:
     """`ckpt` if intact, else a StokerError naming the damaged file."""
     problem = checkpoint_problem(ckpt)
     if problem:
-        raise StokerError(f"checkpoint {ckpt} is damaged: {problem}; resume from an earlier "
-                          "checkpoint (--train.resume=PATH) or start over")
+        raise StokerError(
+            f"checkpoint {ckpt} is damaged: {problem}; resume from an earlier "
+            "checkpoint (--train.resume=PATH) or start over"
+        )
     return Path(ckpt)
 
 
-def latest_intact(out_dir: str | Path, report: Callable[[str], None] | None = None
-                  ) -> Path | None:
+def latest_intact(out_dir: str | Path, report: Callable[[str], None] | None = None) -> Path | None:
     """The newest checkpoint of a run whose files match their manifest; each newer damaged one
     is skipped and reported (`report`, default: a line on stderr)."""
     report = report or (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -152,13 +159,17 @@ def resolve_checkpoint(path: str | Path) -> Path:
         return verify_checkpoint(p)
     found = list_checkpoints(p)
     if not found:
-        raise StokerError(f"{p} holds no stoker checkpoint (expected {MARKER} or "
-                          f"{CKPT_SUBDIR}/step-*/); train a run first or import one with "
-                          "`stoker import-hf`")
+        raise StokerError(
+            f"{p} holds no stoker checkpoint (expected {MARKER} or "
+            f"{CKPT_SUBDIR}/step-*/); train a run first or import one with "
+            "`stoker import-hf`"
+        )
     ckpt = latest_intact(p)
     if ckpt is None:
-        raise StokerError(f"every checkpoint under {p / CKPT_SUBDIR} is damaged (see above); "
-                          "train again with --train.resume=never")
+        raise StokerError(
+            f"every checkpoint under {p / CKPT_SUBDIR} is damaged (see above); "
+            "train again with --train.resume=never"
+        )
     return ckpt
 
 
@@ -170,8 +181,9 @@ def read_meta(ckpt: str | Path) -> dict[str, Any]:
         raise StokerError(f"unreadable checkpoint metadata {path}: {e}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise StokerError(f"{path} is not a stoker checkpoint metadata file")
-    if not isinstance(meta.get("config"), dict) or not isinstance(meta["config"].get("model"),
-                                                                   dict):
+    if not isinstance(meta.get("config"), dict) or not isinstance(
+        meta["config"].get("model"), dict
+    ):
         raise StokerError(f"{path} has no model config; use another checkpoint")
     return meta
 
@@ -216,15 +228,18 @@ def publish_checkpoint(tmp: Path, final_dir: str | Path, meta: dict[str, Any]) -
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            raise StokerError(f"could not write checkpoint {final} ({e.strerror or e}); "
-                              "nothing was replaced — free disk space or choose another "
-                              "train.out_dir") from None
+            raise StokerError(
+                f"could not write checkpoint {final} ({e.strerror or e}); "
+                "nothing was replaced — free disk space or choose another "
+                "train.out_dir"
+            ) from None
         raise
     return final
 
 
-def write_checkpoint(final_dir: str | Path, meta: dict[str, Any],
-                     write_files: Callable[[Path], None]) -> Path:
+def write_checkpoint(
+    final_dir: str | Path, meta: dict[str, Any], write_files: Callable[[Path], None]
+) -> Path:
     """Atomically create `final_dir` in one process: `write_files(tmp)` fills the staging dir,
     then `publish_checkpoint`. An OSError while writing (disk full, read-only) is a
     StokerError and leaves no staging dir behind."""
@@ -235,9 +250,11 @@ def write_checkpoint(final_dir: str | Path, meta: dict[str, Any],
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) or "No space left" in str(e):
             why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0]
-            raise StokerError(f"could not write checkpoint {final_dir} ({why}); the previous "
-                              "checkpoints are intact — free disk space or choose another "
-                              "train.out_dir") from None
+            raise StokerError(
+                f"could not write checkpoint {final_dir} ({why}); the previous "
+                "checkpoints are intact — free disk space or choose another "
+                "train.out_dir"
+            ) from None
         raise
     return publish_checkpoint(tmp, final_dir, meta)
 
@@ -275,8 +292,9 @@ def save_state_dict(sd: dict[str, torch.Tensor], path: str | Path) -> None:
     save_file(tensors, str(path), metadata={"aliases": json.dumps(aliases)})
 
 
-def load_state_dict_file(path: str | Path, device: str | torch.device = "cpu"
-                         ) -> dict[str, torch.Tensor]:
+def load_state_dict_file(
+    path: str | Path, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """A safetensors state dict (aliases restored); a damaged file is a StokerError."""
     from safetensors import SafetensorError, safe_open
 
@@ -287,16 +305,23 @@ def load_state_dict_file(path: str | Path, device: str | torch.device = "cpu"
             sd = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open has no iter)
     except (OSError, SafetensorError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StokerError(f"{path} is not a readable safetensors file ({first}); use another "
-                          "checkpoint or re-create it") from None
+        raise StokerError(
+            f"{path} is not a readable safetensors file ({first}); use another "
+            "checkpoint or re-create it"
+        ) from None
     for name, target in aliases.items():
         sd[name] = sd[target]
     return sd
 
 
-def save_model_checkpoint(final_dir: str | Path, model: torch.nn.Module | dict, config: dict[str, Any],
-                          tokenizer_dir: str | Path | None = None, step: int = 0,
-                          extra: Callable[[Path], None] | None = None) -> Path:
+def save_model_checkpoint(
+    final_dir: str | Path,
+    model: torch.nn.Module | dict,
+    config: dict[str, Any],
+    tokenizer_dir: str | Path | None = None,
+    step: int = 0,
+    extra: Callable[[Path], None] | None = None,
+) -> Path:
     """Weights (a model or its state dict) + config (+ tokenizer, + whatever `extra(tmp)`
     writes), atomically."""
 
@@ -308,8 +333,9 @@ def save_model_checkpoint(final_dir: str | Path, model: torch.nn.Module | dict, 
     return write_checkpoint(final_dir, {"step": step, "config": config}, write)
 
 
-def write_checkpoint_extras(tmp: Path, tokenizer_dir: str | Path | None,
-                            extra: Callable[[Path], None] | None) -> None:
+def write_checkpoint_extras(
+    tmp: Path, tokenizer_dir: str | Path | None, extra: Callable[[Path], None] | None
+) -> None:
     from stoker.data.tokenizer import copy_tokenizer_files
 
     if tokenizer_dir is not None:
@@ -366,8 +392,10 @@ def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
             for name in stored:
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != tuple(targets[name].shape):
-                    raise StokerError(f"{unfit}: {name} is {shape} there, "
-                                      f"{tuple(targets[name].shape)} in the model")
+                    raise StokerError(
+                        f"{unfit}: {name} is {shape} there, "
+                        f"{tuple(targets[name].shape)} in the model"
+                    )
             with torch.no_grad():
                 for name in stored:
                     targets[name].copy_(f.get_tensor(name))
@@ -378,8 +406,10 @@ def load_weights(model: torch.nn.Module, ckpt: str | Path) -> None:
         raise
     except (OSError, SafetensorError, ValueError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise StokerError(f"{path} is not a readable safetensors file ({first}); use another "
-                          "checkpoint or re-create it") from None
+        raise StokerError(
+            f"{path} is not a readable safetensors file ({first}); use another "
+            "checkpoint or re-create it"
+        ) from None
 
 
 def remove_staging_dirs(out_dir: str | Path) -> list[Path]:
@@ -387,8 +417,14 @@ def remove_staging_dirs(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / CKPT_SUBDIR
     if not root.is_dir():
         return []
-    stale = [p for p in root.iterdir() if p.name.startswith(STAGING_PREFIXES) or
-             p.name.startswith("step-") and p.is_dir() and not is_checkpoint(p)]
+    stale = [
+        p
+        for p in root.iterdir()
+        if p.name.startswith(STAGING_PREFIXES)
+        or p.name.startswith("step-")
+        and p.is_dir()
+        and not is_checkpoint(p)
+    ]
     for p in stale:
         shutil.rmtree(p, ignore_errors=True)
     return stale

@@ -156,8 +156,9 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str,
-               info: DistInfo) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def full_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str, info: DistInfo
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Full model and optimizer state of a replicated (ddp, zero1) or one-process run; the
     optimizer's is meaningful on rank 0 only (ZeRO-1 consolidates its shards there).
     Collective. FSDP2 runs never gather: they save sharded (train/sharded.py)."""
@@ -232,13 +233,16 @@ def run_everywhere(fn, info: DistInfo) -> None:
 
 def _write_failed(path, e: BaseException) -> StokerError:
     why = getattr(e, "strerror", None) or (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return StokerError(f"could not write checkpoint file {path} ({why}); the previous "
-                       "checkpoints are intact — free disk space or choose another "
-                       "train.out_dir")
+    return StokerError(
+        f"could not write checkpoint file {path} ({why}); the previous "
+        "checkpoints are intact — free disk space or choose another "
+        "train.out_dir"
+    )
 
 
-def save_model_optimizer(tmp, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str,
-                         info: DistInfo) -> None:
+def save_model_optimizer(
+    tmp, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str, info: DistInfo
+) -> None:
     """Collective: write a checkpoint's weights and optimizer state into the staging dir `tmp`.
     fsdp2 on several processes: every rank writes its own shards (`dcp/`, see
     train/sharded.py; nothing is gathered). Otherwise rank 0 writes `model.safetensors` and
@@ -258,8 +262,10 @@ def save_model_optimizer(tmp, model: nn.Module, optimizer: torch.optim.Optimizer
     model_sd, opt_sd = full_state(model, optimizer, strategy, info)
     if not info.is_main:
         return
-    for name, write in (("model.safetensors", lambda p: save_state_dict(model_sd, p)),
-                        ("optimizer.pt", lambda p: torch.save(opt_sd, p))):
+    for name, write in (
+        ("model.safetensors", lambda p: save_state_dict(model_sd, p)),
+        ("optimizer.pt", lambda p: torch.save(opt_sd, p)),
+    ):
         try:
             write(tmp / name)
         except (OSError, RuntimeError, SafetensorError) as e:
@@ -272,8 +278,9 @@ def is_portable(ckpt) -> bool:
     return True
 
 
-def load_model_optimizer(ckpt, model: nn.Module, optimizer: torch.optim.Optimizer,
-                         strategy: str, info: DistInfo) -> None:
+def load_model_optimizer(
+    ckpt, model: nn.Module, optimizer: torch.optim.Optimizer, strategy: str, info: DistInfo
+) -> None:
     """Collective inverse of `save_model_optimizer`, under any strategy and world size, into
     the model's and optimizer's own (already allocated) tensors:
     - sharded checkpoint, fsdp2 or one process: DCP, each rank reads only the chunks that
@@ -296,14 +303,17 @@ def load_model_optimizer(ckpt, model: nn.Module, optimizer: torch.optim.Optimize
         _load_full_into_shards(ckpt, model, optimizer, info)
     else:
         _send_weights(ckpt, model, info)
-        _send_optimizer_state(ckpt, model, optimizer, strategy == "zero1" and info.enabled,
-                              info, sharded)
+        _send_optimizer_state(
+            ckpt, model, optimizer, strategy == "zero1" and info.enabled, info, sharded
+        )
 
 
 def _unreadable(path, e: BaseException) -> StokerError:
     first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    return StokerError(f"{path} is unreadable ({first[:200]}); resume from an earlier "
-                       "checkpoint with --train.resume=PATH")
+    return StokerError(
+        f"{path} is unreadable ({first[:200]}); resume from an earlier "
+        "checkpoint with --train.resume=PATH"
+    )
 
 
 def _read_optimizer_file(ckpt) -> dict[str, Any]:
@@ -354,12 +364,17 @@ def _rekey(sd: dict[str, Any], names: list[str], by_name: bool, path) -> dict[st
         return index[k] if isinstance(k, str) else k
 
     try:
-        return {"state": {key(k): v for k, v in sd["state"].items()},
-                "param_groups": [{**g, "params": [key(p) for p in g["params"]]}
-                                 for g in sd["param_groups"]]}
+        return {
+            "state": {key(k): v for k, v in sd["state"].items()},
+            "param_groups": [
+                {**g, "params": [key(p) for p in g["params"]]} for g in sd["param_groups"]
+            ],
+        }
     except (KeyError, IndexError, TypeError) as e:
-        raise StokerError(f"{path} does not fit this model's optimizer (no parameter {e}); "
-                          "resume from a checkpoint of this model") from None
+        raise StokerError(
+            f"{path} does not fit this model's optimizer (no parameter {e}); "
+            "resume from a checkpoint of this model"
+        ) from None
 
 
 def _full_optimizer_state(ckpt, model: nn.Module, optimizer, sharded: bool) -> dict[str, Any]:
@@ -381,18 +396,23 @@ def _full_optimizer_state(ckpt, model: nn.Module, optimizer, sharded: bool) -> d
     return _rekey({"state": state, "param_groups": groups}, names, False, ckpt / SHARDED_DIR)
 
 
-def _send_optimizer_state(ckpt, model: nn.Module, optimizer, zero1: bool, info: DistInfo,
-                          sharded: bool) -> None:
+def _send_optimizer_state(
+    ckpt, model: nn.Module, optimizer, zero1: bool, info: DistInfo, sharded: bool
+) -> None:
     """Rank 0 reads the optimizer state; every other rank receives, straight into device
     memory, the tensors it keeps (all of them under DDP, its own partition's under ZeRO-1)."""
     box: dict[str, Any] = {}
-    run_on_main(lambda: box.update(sd=_full_optimizer_state(ckpt, model, optimizer, sharded)),
-                info)
+    run_on_main(lambda: box.update(sd=_full_optimizer_state(ckpt, model, optimizer, sharded)), info)
     full = box.get("sd")
     # the structure, with each tensor of more than one element replaced by (shape, dtype)
-    skeleton = None if full is None else {
-        "param_groups": full["param_groups"],
-        "state": {i: {k: _describe(v) for k, v in s.items()} for i, s in full["state"].items()}}
+    skeleton = (
+        None
+        if full is None
+        else {
+            "param_groups": full["param_groups"],
+            "state": {i: {k: _describe(v) for k, v in s.items()} for i, s in full["state"].items()},
+        }
+    )
     skeleton = broadcast_object(skeleton, info)
     owner = _owners(optimizer, info) if zero1 else None
     state: dict[int, dict[str, Any]] = {}
@@ -403,8 +423,13 @@ def _send_optimizer_state(ckpt, model: nn.Module, optimizer, zero1: bool, info: 
             if not isinstance(v, _Sent):
                 kept[k] = v
                 continue
-            t = _transfer(full["state"][i][k] if info.is_main else None, v,
-                          None if owner is None else owner[i], info, mine)
+            t = _transfer(
+                full["state"][i][k] if info.is_main else None,
+                v,
+                None if owner is None else owner[i],
+                info,
+                mine,
+            )
             if t is not None:
                 kept[k] = t
         if mine:
@@ -427,8 +452,9 @@ def _describe(v: Any) -> Any:
     return v
 
 
-def _transfer(t: torch.Tensor | None, spec: _Sent, owner: int | None, info: DistInfo,
-              mine: bool) -> torch.Tensor | None:
+def _transfer(
+    t: torch.Tensor | None, spec: _Sent, owner: int | None, info: DistInfo, mine: bool
+) -> torch.Tensor | None:
     """One state tensor from rank 0 (`t` there) to every rank (`owner` None: a broadcast) or
     to `owner` only; the ranks that keep it get it on their device."""
     if info.is_main and (owner is None or owner == 0):
@@ -479,8 +505,9 @@ def _load_full_into_shards(ckpt, model: nn.Module, optimizer, info: DistInfo) ->
     run_on_main(read, info)
     from stoker.train.checkpoint import saved_names
 
-    opts = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
-                            strict=saved_names(unwrap(model)) is None)
+    opts = StateDictOptions(
+        full_state_dict=True, broadcast_from_rank0=True, strict=saved_names(unwrap(model)) is None
+    )
     set_model_state_dict(model, box["model"], options=opts)
     set_optimizer_state_dict(model, optimizer, box["optim"], options=opts)
 

@@ -27,8 +27,9 @@ class BadSteps:
 class NonFiniteGuard:
     def __init__(self, opt: torch.optim.Optimizer, device: torch.device, enabled: bool = True):
         self.opt, self.enabled = opt, enabled
-        self.on_device = enabled and isinstance(opt, torch.optim.AdamW) and bool(
-            opt.defaults.get("fused"))
+        self.on_device = (
+            enabled and isinstance(opt, torch.optim.AdamW) and bool(opt.defaults.get("fused"))
+        )
         self._count = torch.zeros((), dtype=torch.int64, device=device)
         self._first = torch.full((), -1, dtype=torch.int64, device=device)
         self._host_count, self._host_first, self._seen = 0, -1, 0
@@ -57,8 +58,11 @@ class NonFiniteGuard:
         """Bad steps since the last poll, or None (reads the device counters: a sync)."""
         if not self.enabled:
             return None
-        count, first = ((int(self._count), int(self._first)) if self.on_device
-                        else (self._host_count, self._host_first))
+        count, first = (
+            (int(self._count), int(self._first))
+            if self.on_device
+            else (self._host_count, self._host_first)
+        )
         new, self._seen = count - self._seen, count
         if new <= 0:
             return None

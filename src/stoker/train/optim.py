@@ -24,13 +24,19 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     for p in model.parameters():  # parameters() yields each shared Parameter once
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str,
-                    zero1: bool = False, groups: list[dict] | None = None
-                    ) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module,
+    cfg: OptimConfig,
+    device_type: str,
+    zero1: bool = False,
+    groups: list[dict] | None = None,
+) -> torch.optim.Optimizer:
     """AdamW (fused on CPU/CUDA, foreach otherwise) over `groups` (default: `param_groups`;
     a group's `lr_scale` multiplies the schedule's lr); ZeroRedundancyOptimizer when `zero1`."""
     kwargs = dict(lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
@@ -45,8 +51,12 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig, device_type: str,
 
     kwargs.pop("foreach", None)
     first, *rest = groups
-    zero = ZeroRedundancyOptimizer(first["params"], optimizer_class=torch.optim.AdamW,
-                                   weight_decay=first["weight_decay"], **kwargs)
+    zero = ZeroRedundancyOptimizer(
+        first["params"],
+        optimizer_class=torch.optim.AdamW,
+        weight_decay=first["weight_decay"],
+        **kwargs,
+    )
     zero.param_groups[0].update({k: v for k, v in first.items() if k != "params"})
     for group in rest:
         zero.add_param_group(group)

@@ -58,7 +58,8 @@ class RunLock:
         return StokerError(
             f"{self.path.parent} is in use by another run ({_describe(holder)}); wait for it, "
             f"stop it, or choose another --train.out_dir (if that run is gone, delete "
-            f"{self.path})")
+            f"{self.path})"
+        )
 
     def acquire(self) -> RunLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -96,8 +97,11 @@ class RunLock:
 
     def _acquire_by_pid(self) -> int:
         holder = self._read_holder()
-        alive = holder.get("host") != socket.gethostname() or _pid_alive(int(holder["pid"])) \
-            if holder.get("pid") else False
+        alive = (
+            holder.get("host") != socket.gethostname() or _pid_alive(int(holder["pid"]))
+            if holder.get("pid")
+            else False
+        )
         if alive and holder.get("pid") != os.getpid():
             raise self._refuse(holder)
         return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -45,16 +45,19 @@ RUN_FILES = (".lock", "config.yaml", "metrics.jsonl", "summary.json")  # what a 
 def check_out_dir(out: Path) -> None:
     for name in RUN_FILES:
         if (out / name).is_dir():
-            raise StokerError(f"{out / name} is a directory, where the run writes a file; "
-                              "remove it or choose another --train.out_dir")
+            raise StokerError(
+                f"{out / name} is a directory, where the run writes a file; "
+                "remove it or choose another --train.out_dir"
+            )
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise StokerError(f"train.out_dir {out} is not writable ({e.strerror}); "
-                          "choose another --train.out_dir") from None
+        raise StokerError(
+            f"train.out_dir {out} is not writable ({e.strerror}); choose another --train.out_dir"
+        ) from None
 
 
 def find_resume(resume: str, out: Path, info: D.DistInfo) -> Path | None:
@@ -66,8 +69,11 @@ def find_resume(resume: str, out: Path, info: D.DistInfo) -> Path | None:
     found: list[Path | None] = [None]
 
     def decide() -> None:  # rank 0 alone verifies (hashes) the files: the others read none
-        found[0] = (resolve_checkpoint(resume) if resume != "auto" else
-                    latest_intact(out, lambda msg: print(msg, flush=True)))
+        found[0] = (
+            resolve_checkpoint(resume)
+            if resume != "auto"
+            else latest_intact(out, lambda msg: print(msg, flush=True))
+        )
 
     D.run_on_main(decide, info)
     return D.broadcast_object(found[0], info)
@@ -77,21 +83,27 @@ def check_compatible(ckpt: Path, cfg: RecipeConfig) -> None:
     """The checkpoint's model config must equal this run's; the error lists what differs."""
     saved = read_meta(ckpt).get("config", {}).get("model", {})
     now = cfg.model.model_dump(mode="json")
-    diff = [f"model.{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}"
-            for k in sorted(set(saved) | set(now))
-            if k not in IGNORED_MODEL_KEYS and saved.get(k) != now.get(k)]
+    diff = [
+        f"model.{k}: checkpoint {saved.get(k)!r} vs config {now.get(k)!r}"
+        for k in sorted(set(saved) | set(now))
+        if k not in IGNORED_MODEL_KEYS and saved.get(k) != now.get(k)
+    ]
     if diff:
-        raise StokerError(f"checkpoint {ckpt} does not fit this config ({'; '.join(diff)}); "
-                          "use the same model section, another train.out_dir, or "
-                          "--train.resume=never")
+        raise StokerError(
+            f"checkpoint {ckpt} does not fit this config ({'; '.join(diff)}); "
+            "use the same model section, another train.out_dir, or "
+            "--train.resume=never"
+        )
 
 
 def _rng_state() -> dict[str, Any]:
     py = random.getstate()
     np_state = np.random.get_state()
-    state = {"python": [py[0], list(py[1]), py[2]],
-             "numpy": [np_state[0], np_state[1].tolist(), *[float(v) for v in np_state[2:]]],
-             "torch": torch.get_rng_state().tolist()}
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *[float(v) for v in np_state[2:]]],
+        "torch": torch.get_rng_state().tolist(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
     return state
@@ -107,9 +119,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def save_training_state(out: Path, step: int, model, opt, cfg: RecipeConfig, info: D.DistInfo,
-                        loader, counters: dict[str, Any], tokenizer_dir: Path | None,
-                        meta: dict[str, Any] | None = None) -> Path:
+def save_training_state(
+    out: Path,
+    step: int,
+    model,
+    opt,
+    cfg: RecipeConfig,
+    info: D.DistInfo,
+    loader,
+    counters: dict[str, Any],
+    tokenizer_dir: Path | None,
+    meta: dict[str, Any] | None = None,
+) -> Path:
     """Collective: every rank calls it. Weights and optimizer state go into a staging dir
     (`D.save_model_optimizer`: by rank 0, or by every rank for its shards), then rank 0 adds
     the trainer state and tokenizer, publishes `out/checkpoints/step-N/` with its manifest and
@@ -124,46 +145,61 @@ def save_training_state(out: Path, step: int, model, opt, cfg: RecipeConfig, inf
     D.run_on_main(lambda: begin_checkpoint(final), info)
     tmp = staging_dir(final)
     try:
-        D.run_everywhere(lambda: D.save_model_optimizer(tmp, model, opt, cfg.dist.strategy,
-                                                        info), info)
+        D.run_everywhere(
+            lambda: D.save_model_optimizer(tmp, model, opt, cfg.dist.strategy, info), info
+        )
     except StokerError:
         if info.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
 
     def publish() -> None:
-        trainer_state = {"step": step, "world": info.world, "strategy": cfg.dist.strategy,
-                         "rng": rng, "loader": loader.state_dict(), **counters}
+        trainer_state = {
+            "step": step,
+            "world": info.world,
+            "strategy": cfg.dist.strategy,
+            "rng": rng,
+            "loader": loader.state_dict(),
+            **counters,
+        }
         (tmp / "trainer_state.json").write_text(json.dumps(trainer_state))
         write_checkpoint_extras(tmp, tokenizer_dir, None)
-        publish_checkpoint(tmp, final, {"step": step, "config": cfg.model_dump(mode="json"),
-                                        **(meta or {})})
+        publish_checkpoint(
+            tmp, final, {"step": step, "config": cfg.model_dump(mode="json"), **(meta or {})}
+        )
         prune_checkpoints(out, cfg.train.keep_last, keep=final)
 
     D.run_on_main(publish, info, cleanup=lambda: shutil.rmtree(tmp, ignore_errors=True))
     return final
 
 
-def load_training_state(ckpt: Path, model, opt, cfg: RecipeConfig, info: D.DistInfo,
-                        loader) -> dict[str, Any]:
+def load_training_state(
+    ckpt: Path, model, opt, cfg: RecipeConfig, info: D.DistInfo, loader
+) -> dict[str, Any]:
     """Restore weights, optimizer, RNG and loader from `ckpt`; returns trainer_state.json."""
     check_compatible(ckpt, cfg)
     path = ckpt / "trainer_state.json"
     if not path.is_file():
-        raise StokerError(f"{ckpt} is a model checkpoint without training state; to start "
-                          f"from its weights use --train.init_from={ckpt} (and "
-                          "--train.resume=never), not train.resume")
+        raise StokerError(
+            f"{ckpt} is a model checkpoint without training state; to start "
+            f"from its weights use --train.init_from={ckpt} (and "
+            "--train.resume=never), not train.resume"
+        )
     try:
         state = json.loads(path.read_text())
         if not isinstance(state, dict) or not isinstance(state.get("step"), int):
             raise ValueError("no step")
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise StokerError(f"{path} is unreadable ({e}); resume from an earlier checkpoint "
-                          "with --train.resume=PATH") from None
+        raise StokerError(
+            f"{path} is unreadable ({e}); resume from an earlier checkpoint "
+            "with --train.resume=PATH"
+        ) from None
     saved = state.get("strategy", "ddp")
     if (saved == "fsdp2") != (cfg.dist.strategy == "fsdp2") and not D.is_portable(ckpt):
-        raise StokerError(f"{ckpt} was saved with dist.strategy={saved}; resume with the same "
-                          f"strategy (this run uses {cfg.dist.strategy})")
+        raise StokerError(
+            f"{ckpt} was saved with dist.strategy={saved}; resume with the same "
+            f"strategy (this run uses {cfg.dist.strategy})"
+        )
     D.load_model_optimizer(ckpt, model, opt, cfg.dist.strategy, info)
     if state.get("world") == info.world:
         _set_rng_state(state["rng"][info.rank])
@@ -198,5 +234,11 @@ def trim_metrics(out: Path, step: int) -> int:
     return dropped
 
 
-__all__ = ["check_out_dir", "find_resume", "load_training_state", "save_training_state",
-           "step_dir_name", "trim_metrics"]
+__all__ = [
+    "check_out_dir",
+    "find_resume",
+    "load_training_state",
+    "save_training_state",
+    "step_dir_name",
+    "trim_metrics",
+]

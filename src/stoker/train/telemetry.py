@@ -24,8 +24,10 @@ _CPU_PEAK: dict[str, float] = {}
 
 
 def _cache_file() -> Path:
-    root = os.environ.get("STOKER_CACHE_DIR") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stoker"
+    root = (
+        os.environ.get("STOKER_CACHE_DIR")
+        or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stoker"
+    )
     return Path(root) / "cpu_matmul_peak.json"
 
 
@@ -36,8 +38,9 @@ def _machine_key(dtype: torch.dtype, n: int) -> str:
     return f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|{n}"
 
 
-def matmul_rate(n: int, dtype: torch.dtype, device: str = "cpu", repeats: int = 3,
-                warmup: int = 1) -> float:
+def matmul_rate(
+    n: int, dtype: torch.dtype, device: str = "cpu", repeats: int = 3, warmup: int = 1
+) -> float:
     """FLOP/s of the fastest of `repeats` n×n matmuls in `dtype` on `device`, measured now
     (after `warmup` untimed ones; on CUDA each timed one is synchronized)."""
     sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
@@ -143,8 +146,12 @@ class Throughput:
 
     def report(self) -> dict[str, Any]:
         tps = self.w_tokens / self.w_time if self.w_time else 0.0
-        row = {"tokens_per_second": tps, "mfu": self.mfu(tps), "mfu_basis": self.basis,
-               "data_wait": self.w_data / self.w_time if self.w_time else 0.0}
+        row = {
+            "tokens_per_second": tps,
+            "mfu": self.mfu(tps),
+            "mfu_basis": self.basis,
+            "data_wait": self.w_data / self.w_time if self.w_time else 0.0,
+        }
         self._reset_window()
         return row
 
@@ -155,28 +162,44 @@ class Throughput:
         elapsed = self.elapsed()
         tps = self.total_tokens / elapsed if elapsed else 0.0
         peak_mem = memory_gb(None).get("memory_gb")
-        return {"steps": step, "tokens": self.total_tokens, "seconds": elapsed,
-                "tokens_per_second": tps, "mfu": self.mfu(tps), "mfu_basis": self.basis,
-                "flops_per_token": self.flops_per_token, "peak_memory_gb": peak_mem}
+        return {
+            "steps": step,
+            "tokens": self.total_tokens,
+            "seconds": elapsed,
+            "tokens_per_second": tps,
+            "mfu": self.mfu(tps),
+            "mfu_basis": self.basis,
+            "flops_per_token": self.flops_per_token,
+            "peak_memory_gb": peak_mem,
+        }
 
     @staticmethod
     def postfix(row: dict[str, Any]) -> str:
         mfu = f" mfu {100 * row['mfu']:.1f}%" if row.get("mfu") is not None else ""
-        return (f"loss {row['loss']:.4f} lr {row['lr']:.2e} "
-                f"{row['tokens_per_second']:,.0f} tok/s{mfu} mem {row['memory_gb']:.2f}GB")
+        return (
+            f"loss {row['loss']:.4f} lr {row['lr']:.2e} "
+            f"{row['tokens_per_second']:,.0f} tok/s{mfu} mem {row['memory_gb']:.2f}GB"
+        )
 
     @staticmethod
     def summary_line(s: dict[str, Any]) -> str:
         mfu = f", MFU {100 * s['mfu']:.1f}% ({s['mfu_basis']})" if s.get("mfu") else ""
         val = f", val loss {s['final_val_loss']:.4f}" if s.get("final_val_loss") else ""
-        return (f"{s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.1f}s, "
-                f"{s['tokens_per_second']:,.0f} tok/s{mfu}{val}")
+        return (
+            f"{s['steps']} steps, {s['tokens']:,} tokens in {s['seconds']:.1f}s, "
+            f"{s['tokens_per_second']:,.0f} tok/s{mfu}{val}"
+        )
 
 
 def memory_gb(info) -> dict[str, float]:
     """Peak accelerator memory (CUDA) or peak process RSS (CPU), in GB."""
-    if info is not None and info.device.type == "cuda" or info is None and \
-            torch.cuda.is_available() and torch.cuda.is_initialized():
+    if (
+        info is not None
+        and info.device.type == "cuda"
+        or info is None
+        and torch.cuda.is_available()
+        and torch.cuda.is_initialized()
+    ):
         return {"memory_gb": torch.cuda.max_memory_allocated() / 1e9}
     return {"memory_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6}
 
@@ -195,5 +218,13 @@ def erase_on_error(bar):
 def progress_bar(initial: int, total: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True, mininterval=1.0, desc="train", unit="step")
+    return tqdm(
+        total=total,
+        initial=initial,
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        mininterval=1.0,
+        desc="train",
+        unit="step",
+    )

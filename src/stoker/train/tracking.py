@@ -27,9 +27,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _numeric(row: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in row.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step"
-            and math.isfinite(float(v))}
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and k != "step"
+        and math.isfinite(float(v))
+    }
 
 
 class MlflowSink:
@@ -37,8 +42,10 @@ class MlflowSink:
         try:
             import mlflow
         except ImportError:
-            raise StokerError("track.mlflow is on but mlflow is not installed; "
-                              "pip install 'stoker[track]' or set --track.mlflow=false") from None
+            raise StokerError(
+                "track.mlflow is on but mlflow is not installed; "
+                "pip install 'stoker[track]' or set --track.mlflow=false"
+            ) from None
         self.mlflow = mlflow
         uri = cfg.mlflow_uri or f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
         mlflow.set_tracking_uri(uri)
@@ -47,7 +54,7 @@ class MlflowSink:
         params = {k: str(v)[:500] for k, v in _flatten(config).items()}
         items = list(params.items())
         for i in range(0, len(items), 100):  # MLflow caps a batch at 100 params
-            mlflow.log_params(dict(items[i:i + 100]))
+            mlflow.log_params(dict(items[i : i + 100]))
 
     def log(self, row: dict[str, Any]) -> None:
         metrics = _numeric(row)
@@ -63,8 +70,9 @@ class TensorBoardSink:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            raise StokerError("track.tensorboard is on but tensorboard is not installed; "
-                              "pip install tensorboard") from None
+            raise StokerError(
+                "track.tensorboard is on but tensorboard is not installed; pip install tensorboard"
+            ) from None
         self.writer = SummaryWriter(str(out_dir / "tensorboard"))
 
     def log(self, row: dict[str, Any]) -> None:
@@ -80,10 +88,16 @@ class WandbSink:
         try:
             import wandb
         except ImportError:
-            raise StokerError("track.wandb is on but wandb is not installed; "
-                              "pip install wandb") from None
-        self.run = wandb.init(project=cfg.experiment, dir=str(out_dir), mode="offline",
-                              config=config, name=out_dir.name)
+            raise StokerError(
+                "track.wandb is on but wandb is not installed; pip install wandb"
+            ) from None
+        self.run = wandb.init(
+            project=cfg.experiment,
+            dir=str(out_dir),
+            mode="offline",
+            config=config,
+            name=out_dir.name,
+        )
 
     def log(self, row: dict[str, Any]) -> None:
         self.run.log(_numeric(row), step=int(row.get("step", 0)))

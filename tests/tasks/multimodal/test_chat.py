@@ -25,7 +25,10 @@ def test_slots_at_tags_and_for_absent_modalities_and_labels_on_the_answer(tok):
     assert s.ids.count(img) == 3 and s.ids.count(aud) == 3  # audio absent: its slot anyway
     assert s.ids.index(aud) < s.ids.index(img)  # the absent one first, the tag in place
     supervised = [t for t in s.labels if t != IGNORE]
-    assert tok.decode(supervised) == "7 <|end|>" and s.labels[: s.prompt_len] == [IGNORE] * s.prompt_len
+    assert (
+        tok.decode(supervised) == "7 <|end|>"
+        and s.labels[: s.prompt_len] == [IGNORE] * s.prompt_len
+    )
     assert tok.decode(s.ids[: s.prompt_len]).endswith("<|assistant|>")
     assert render(tok, REC, ["image"], 2, "r").ids.count(aud) == 0
 

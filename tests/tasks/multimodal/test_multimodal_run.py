@@ -128,8 +128,15 @@ def test_phase2_checkpoint_holds_no_frozen_tensor_and_reads_the_projected_tokens
     meta = json.loads((last_ckpt(run["out"] / "phase2") / "stoker.json").read_text())
     assert set(meta["frozen"]) == {"encoder:image", "encoder:audio", "aligner", "lm"}
     row = evals(run["out"] / "phase2")[-1]
-    for key in ("exact_match", "em_image", "em_audio", "em_same", "em_sum",
-                "em_image_without_image", "em_audio_without_audio"):
+    for key in (
+        "exact_match",
+        "em_image",
+        "em_audio",
+        "em_same",
+        "em_sum",
+        "em_image_without_image",
+        "em_audio_without_audio",
+    ):
         assert 0 <= row[key] <= 100, key
 
 
