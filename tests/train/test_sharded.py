@@ -254,7 +254,7 @@ def keyed_by_name(c: Path, to: Path) -> Path:
     import shutil
 
     from stoker.train.checkpoint import build_manifest
-    from stoker.train.distributed import _param_names
+    from stoker.train.dist_checkpoint import _param_names
     from stoker.train.optim import build_optimizer
 
     shutil.copytree(c, to)

@@ -3,7 +3,7 @@
 A training checkpoint is a model checkpoint (train/checkpoint.py) plus the optimizer state
 (loaded with `weights_only=True`) and `trainer_state.json` (step, every rank's RNG states,
 loader state, strategy, early-stopping counters). How weights and optimizer state are laid out
-per strategy is `distributed.save_model_optimizer`'s business; every layout resumes on a
+per strategy is `dist_checkpoint.save_model_optimizer`'s business; every layout resumes on a
 different number of processes.
 """
 
@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from stoker.config import RecipeConfig
 from stoker.errors import StokerError
+from stoker.train import dist_checkpoint as DC
 from stoker.train import distributed as D
 from stoker.train.checkpoint import (
     CKPT_SUBDIR,
@@ -132,7 +133,7 @@ def save_training_state(
     meta: dict[str, Any] | None = None,
 ) -> Path:
     """Collective: every rank calls it. Weights and optimizer state go into a staging dir
-    (`D.save_model_optimizer`: by rank 0, or by every rank for its shards), then rank 0 adds
+    (`DC.save_model_optimizer`: by rank 0, or by every rank for its shards), then rank 0 adds
     the trainer state and tokenizer, publishes `out/checkpoints/step-N/` with its manifest and
     prunes. `meta`: entries the task adds to stoker.json (e.g. its frozen base). A failure
     on any rank (a full disk) is a StokerError on every rank."""
@@ -146,7 +147,7 @@ def save_training_state(
     tmp = staging_dir(final)
     try:
         D.run_everywhere(
-            lambda: D.save_model_optimizer(tmp, model, opt, cfg.dist.strategy, info), info
+            lambda: DC.save_model_optimizer(tmp, model, opt, cfg.dist.strategy, info), info
         )
     except StokerError:
         if info.is_main:
@@ -195,12 +196,12 @@ def load_training_state(
             "with --train.resume=PATH"
         ) from None
     saved = state.get("strategy", "ddp")
-    if (saved == "fsdp2") != (cfg.dist.strategy == "fsdp2") and not D.is_portable(ckpt):
+    if (saved == "fsdp2") != (cfg.dist.strategy == "fsdp2") and not DC.is_portable(ckpt):
         raise StokerError(
             f"{ckpt} was saved with dist.strategy={saved}; resume with the same "
             f"strategy (this run uses {cfg.dist.strategy})"
         )
-    D.load_model_optimizer(ckpt, model, opt, cfg.dist.strategy, info)
+    DC.load_model_optimizer(ckpt, model, opt, cfg.dist.strategy, info)
     if state.get("world") == info.world:
         _set_rng_state(state["rng"][info.rank])
     loader.load_state_dict(state["loader"])
