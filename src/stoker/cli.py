@@ -106,6 +106,22 @@ def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N, mps or auto")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument(
+        "--lm-eval",
+        metavar="TASKS",
+        default=None,
+        help="run lm-evaluation-harness tasks (comma-separated) instead, e.g. "
+        "stoker_next_line,stoker_stdlib_ppl (offline, built in) or any lm-eval task",
+    )
+    p.add_argument(
+        "--lm-eval-include",
+        metavar="DIR",
+        default=None,
+        help="with --lm-eval: a directory of extra lm-eval task YAML files",
+    )
+    p.add_argument(
+        "--limit", type=int, default=None, help="with --lm-eval: at most N documents per task"
+    )
 
 
 def _add_generate_arguments(p: argparse.ArgumentParser) -> None:

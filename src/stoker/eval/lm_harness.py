@@ -100,6 +100,8 @@ class StokerLM(TemplateLM):
             raise StokerError(f"no such run, checkpoint or HF directory: {path}")
         self._device = pick_device(device or "auto", "device")
         model = load_model(path, self._device).eval()
+        if not hasattr(model, "new_cache"):
+            raise StokerError(f"{path} holds no language model to score text with")
         if dtype == "auto":
             cuda_bf16 = self._device.type == "cuda" and torch.cuda.is_bf16_supported()
             dtype = "bf16" if cuda_bf16 else "fp32"
@@ -183,6 +185,11 @@ class StokerLM(TemplateLM):
             for i in batch:
                 if not requests[i][1] or not requests[i][2]:
                     raise StokerError("lm-eval sent an empty context or continuation")
+                if len(requests[i][2]) > L:
+                    raise StokerError(
+                        f"a continuation of {len(requests[i][2])} tokens does not fit this "
+                        f"model's max_length {L}; choose a task with shorter answers"
+                    )
             inps = [toks[i][-(L + 1) :][:-1] for i in batch]  # left-truncated, last dropped
             T = max(len(x) for x in inps)
             x = torch.zeros((len(batch), T), dtype=torch.long)  # right padding: never attended

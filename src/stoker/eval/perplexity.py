@@ -82,6 +82,10 @@ def evaluate_checkpoint(
 
 
 def eval_command(args) -> int:
+    if getattr(args, "lm_eval", None) is not None:  # lm-evaluation-harness tasks
+        from stoker.eval.lm_harness_run import lm_eval_command
+
+        return lm_eval_command(args)
     from stoker.tasks.dynamo.cli import eval_command as dynamo_eval
     from stoker.tasks.dynamo.cli import run_config
 
