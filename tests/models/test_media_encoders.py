@@ -152,6 +152,24 @@ def test_whisper_preprocess_feeds_the_encoder(dirs):
     assert ours.features(feats).shape == (2, 32)
 
 
+def test_whisper_full_30_second_window_matches_transformers(tmp_path):
+    """Every released Whisper: 1500 positions, 3000 mel frames (30 s); here 1 layer, width 32."""
+    cfg = transformers.WhisperConfig(**{**WHISPER, "max_source_positions": 1500,
+                                        "encoder_layers": 1})  # fmt: skip
+    ref_model = randomize(transformers.WhisperModel(cfg), seed=7)
+    ours = load_media_encoder(save(ref_model, tmp_path / "w"))
+    wave = torch.randn(2, 16000, generator=torch.Generator().manual_seed(4)) * 0.1  # 1 s
+    feats = ours.preprocess(wave)
+    assert feats.shape == (2, 80, 3000)
+    with torch.no_grad():
+        ref = ref_model.get_encoder()(feats).last_hidden_state
+        assert ref.shape == (2, 1500, 32)
+        assert_close(ours(feats), ref, **TOL)
+    half = ours.to(torch.bfloat16)  # the front end stays float32 inside a bf16 module
+    assert_close(half.preprocess(wave), feats, atol=0, rtol=0)
+    assert half(feats).dtype == torch.bfloat16
+
+
 def synthetic_waves(seconds: tuple[float, ...]) -> list[np.ndarray]:
     """A 440 Hz tone in noise, a chirp, white noise (one longer than 30 s)."""
     g = np.random.default_rng(0)

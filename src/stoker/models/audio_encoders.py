@@ -76,9 +76,18 @@ class WhisperLogMel(nn.Module):
                               f"{n_samples}")  # fmt: skip
         self.sample_rate, self.n_fft, self.hop_length = sample_rate, n_fft, hop_length
         self.n_samples = n_samples
-        self.register_buffer("window", torch.hann_window(n_fft), persistent=False)
         fb = mel_filters(n_fft // 2 + 1, n_mels, sample_rate, 0.0, min(8000.0, sample_rate / 2))
-        self.register_buffer("filters", fb.float(), persistent=False)  # (n_freqs, n_mels)
+        # Plain float32 tensors, not buffers: `.to(bfloat16)` of the model must not round them.
+        self._consts = {
+            "cpu": (torch.hann_window(n_fft), fb.float())
+        }  # (n_fft,), (n_freqs, n_mels)
+
+    def constants(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(window, filters) float32 on `device`, copied there once."""
+        key = str(device)
+        if key not in self._consts:
+            self._consts[key] = tuple(t.to(device) for t in self._consts["cpu"])
+        return self._consts[key]
 
     @property
     def n_frames(self) -> int:
@@ -90,10 +99,11 @@ class WhisperLogMel(nn.Module):
                               f"{tuple(wave.shape)}")  # fmt: skip
         short = max(0, self.n_samples - wave.shape[1])  # zeros (silence) pad, longer is cut
         wave = F.pad(wave.float(), (0, short))[:, : self.n_samples]  # (B, n_samples)
-        spec = torch.stft(wave, self.n_fft, self.hop_length, window=self.window, center=True,
+        window, filters = self.constants(wave.device)
+        spec = torch.stft(wave, self.n_fft, self.hop_length, window=window, center=True,
                           pad_mode="reflect", return_complex=True)  # fmt: skip
         power = spec[..., :-1].abs() ** 2  # (B, n_freqs, frames): the last frame is dropped
-        mel = torch.einsum("bft,fm->bmt", power, self.filters)  # (B, n_mels, frames)
+        mel = torch.einsum("bft,fm->bmt", power, filters)  # (B, n_mels, frames)
         log = mel.clamp_min(1e-10).log10()
         log = torch.maximum(log, log.amax((1, 2), keepdim=True) - 8.0)
         return (log + 4.0) / 4.0
