@@ -1,7 +1,7 @@
 """Parity of `stoker.models.media_encoders` (CLIP, SigLIP, Whisper) with `transformers`.
 
-- Tiny random `CLIPVisionModel`, `CLIPModel`, `SiglipVisionModel` (with and without its
-  attention-pooling head), `WhisperModel` and `WhisperForConditionalGeneration`, every
+- Tiny random `CLIPVisionModel` (quick_gelu and gelu), `CLIPModel`, `SiglipModel`,
+  `SiglipVisionModel` (with and without its attention-pooling head), `WhisperModel` and `WhisperForConditionalGeneration`, every
   parameter perturbed with noise (a dropped bias or a swapped norm cannot pass), saved with
   `save_pretrained` (safetensors) and loaded by `load_media_encoder`: the hidden states equal
   transformers' `last_hidden_state` and the pooled vector its `pooler_output` (Whisper: the
@@ -82,6 +82,9 @@ def dirs(tmp_path_factory) -> dict[str, tuple[Path, torch.nn.Module]]:
             transformers.CLIPConfig(vision_config=VISION, text_config=text, projection_dim=16)
         ),
         "siglip": transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**VISION)),
+        "siglip_full": transformers.SiglipModel(
+            transformers.SiglipConfig(vision_config=VISION, text_config=text)
+        ),
         "siglip_nohead": transformers.SiglipVisionModel(
             transformers.SiglipVisionConfig(**VISION, vision_use_head=False)
         ),
@@ -98,12 +101,12 @@ def pixels(n: int = 3, seed: int = 1) -> torch.Tensor:
 
 
 def vision_reference(name: str, model: torch.nn.Module, x: torch.Tensor):
-    tower = model.vision_model if name == "clip" else model
+    tower = model.vision_model if name in ("clip", "siglip_full") else model
     with torch.no_grad():
         return tower(pixel_values=x)
 
 
-@pytest.mark.parametrize("name", ["clip_vision", "clip_gelu", "clip", "siglip"])
+@pytest.mark.parametrize("name", ["clip_vision", "clip_gelu", "clip", "siglip", "siglip_full"])
 def test_vision_tower_matches_transformers(dirs, name):
     d, ref_model = dirs[name]
     ours, x = load_media_encoder(d), pixels()
