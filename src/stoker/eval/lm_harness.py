@@ -35,6 +35,8 @@ imported. lm-eval 0.4 has no plugin discovery, so its CLI needs the module impor
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 import torch
@@ -98,7 +100,12 @@ class StokerLM(TemplateLM):
             raise StokerError("the stoker model needs model_args path=RUN_OR_CHECKPOINT")
         if not Path(path).exists():
             raise StokerError(f"no such run, checkpoint or HF directory: {path}")
-        self._device = pick_device(device or "auto", "device")
+        device = device or "auto"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            # lm-eval's CLI asks for cuda:0 unless told otherwise; HFLM falls back too
+            logging.getLogger(__name__).warning("no CUDA device here: device %s -> auto", device)
+            device = "auto"
+        self._device = pick_device(device, "device")
         model = load_model(path, self._device).eval()
         if not hasattr(model, "new_cache"):
             raise StokerError(f"{path} holds no language model to score text with")
@@ -310,7 +317,11 @@ def main() -> None:
     """`stoker-lm-eval ...`: lm-eval's own command line, with the stoker model registered."""
     from lm_eval.__main__ import cli_evaluate
 
-    cli_evaluate()
+    try:
+        cli_evaluate()
+    except StokerError as e:
+        print(f"stoker-lm-eval: error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
 
 
 if __name__ == "__main__":
