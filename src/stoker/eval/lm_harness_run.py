@@ -81,9 +81,11 @@ def run_lm_eval(
     except ImportError:
         raise StokerError(f"--lm-eval needs lm-evaluation-harness: {INSTALL}") from None
     from stoker.eval.lm_harness import StokerLM
+    from stoker.train.distributed import pick_device
 
+    dev = pick_device(device, "--device")  # a named device must exist (no CPU fallback)
     manager = _task_manager(tasks, include)
-    lm = StokerLM(path=path, device=device, batch_size=batch_size)
+    lm = StokerLM(path=path, device=str(dev), batch_size=batch_size)
     return lm_eval.simple_evaluate(
         model=lm, tasks=tasks, task_manager=manager, limit=limit, log_samples=False
     )
