@@ -51,6 +51,10 @@ def print_count(r: dict, m: ModelConfig) -> None:
     print(f"training FLOPs per token at T = {r['seq_len']} (forward + backward)")
     for c, v in r["flops_per_token"].items():
         print(f"  {c:<11}{v / 1e9:9.3f} GF  {r['flops_conventions'][c]}")
+    _print_count_memory(r)
+
+
+def _print_count_memory(r: dict) -> None:
     mem = r["memory"]
     print(
         f"memory per GPU (GiB), micro-batch {mem['micro_batch_size']} × {r['seq_len']}, "

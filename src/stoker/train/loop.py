@@ -23,6 +23,7 @@ from stoker.errors import StokerError
 from stoker.monitor.advice import AdviceOnce, advise, print_advice, signals_for_run
 from stoker.monitor.system import start_monitor
 from stoker.train import distributed as D
+from stoker.train import header as H
 from stoker.train.checkpoint import remove_staging_dirs
 from stoker.train.guard import NonFiniteGuard
 from stoker.train.optim import build_optimizer, lr_at
@@ -59,14 +60,16 @@ class StopFlag:
 
 
 def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 on CUDA GPUs that support it, fp16 (+ GradScaler) on older GPUs, fp32 on
-    CPU/MPS (bf16 autocast on CPU is slower for small models; see docs/log.md)."""
+    """auto: bf16 on CUDA GPUs with native bf16 (Ampere and newer), fp16 (+ GradScaler) on
+    older GPUs such as the T4 and V100, whose bf16 torch only emulates; fp32 on CPU/MPS (bf16
+    autocast on CPU is slower for small models; see docs/log.md)."""
     if name != "auto":
         if name == "fp16" and device.type != "cuda":
             raise StokerError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32")
         return name
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        native = torch.cuda.is_bf16_supported(including_emulation=False)
+        return "bf16" if native else "fp16"
     return "fp32"
 
 
@@ -96,29 +99,35 @@ def apply_activation_checkpointing(model: torch.nn.Module) -> None:
         block.forward = lambda *a, _f=fwd, **k: checkpoint(_f, *a, use_reentrant=False, **k)
 
 
-def train(cfg: RecipeConfig) -> dict[str, Any]:
+def train(cfg: RecipeConfig, source: str | None = None) -> dict[str, Any]:
     """Train `cfg` to `train.max_steps` (or until stopped); returns the run summary. A
-    multi-stage recipe runs its stages in order (train/stages.py)."""
+    multi-stage recipe runs its stages in order (train/stages.py). `source`: the recipe file,
+    named in the run's first line."""
     from stoker.tasks import task_class
 
     stages = task_class(cfg).stages(cfg)
     info = D.init_distributed(cfg.train.device, cfg.dist.backend)
-    summary = _train_one(cfg, info) if stages is None else _train_stages(cfg, stages, info)
+    if stages is None:
+        summary = _train_one(cfg, info, source)
+    else:
+        summary = _train_stages(cfg, stages, info, source)
     D.cleanup(info)  # on success only: after an error another rank may never reach it
     return summary
 
 
-def _train_one(cfg: RecipeConfig, info: D.DistInfo) -> dict[str, Any]:
+def _train_one(cfg: RecipeConfig, info: D.DistInfo, source: str | None) -> dict[str, Any]:
     out = Path(cfg.train.out_dir)
     with contextlib.ExitStack() as held:
         if info.is_main:
             check_out_dir(out)
             held.enter_context(RunLock(out))  # one run per out_dir; released on any exit
             remove_staging_dirs(out)  # what killed saves left behind
-        return _train(cfg, cfg.train, info, out)
+        return _train(cfg, cfg.train, info, out, source)
 
 
-def _train_stages(cfg: RecipeConfig, stages, info: D.DistInfo) -> dict[str, Any]:
+def _train_stages(
+    cfg: RecipeConfig, stages, info: D.DistInfo, source: str | None
+) -> dict[str, Any]:
     """Each stage through `_train_one`, skipped when it finished with the same fingerprint;
     a stage stopped by a signal ends the sequence (rerun to resume it)."""
     from stoker.train import stages as S
@@ -138,7 +147,7 @@ def _train_stages(cfg: RecipeConfig, stages, info: D.DistInfo) -> dict[str, Any]
                 continue
             if info.is_main:
                 S.write_marker(stage, done=False)
-            summary = summaries[stage.name] = _train_one(stage.cfg, info)
+            summary = summaries[stage.name] = _train_one(stage.cfg, info, source)
             if (summary.get("stopped") or "").startswith("stopped by signal"):
                 break
             if info.is_main:
@@ -147,7 +156,7 @@ def _train_stages(cfg: RecipeConfig, stages, info: D.DistInfo) -> dict[str, Any]
     return {"stages": summaries, "out_dir": str(out)}
 
 
-def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
+def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path, source: str | None) -> dict[str, Any]:
     from stoker.data.loader import BatchStream, loader_settings
     from stoker.reproducibility import configure
     from stoker.tasks import make_task
@@ -159,14 +168,11 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
     cfg = task.cfg  # resolved: e.g. the model section of train.init_from's model
     metric, direction = _early_stopping(task, t)
     prep_stats: dict[str, float] = {}  # tokens/s, if this run tokenized the corpus itself
+    data_meta = None
     if info.is_main:
         (out / "config.yaml").write_text(dump_config(cfg))
-        print(
-            f"stoker: training {cfg.recipe} on {info.device} × {info.world}, "
-            f"writing {out}\n{dump_config(cfg)}",
-            flush=True,
-        )
-        task.prepare(prep_stats)
+        print(H.start_line(cfg.recipe, source, str(info.device), info.world, out), flush=True)
+        data_meta = task.prepare(prep_stats)
     D.barrier(info)
     task.open_data()
     n_micro = accumulation_steps(t.batch_size, t.micro_batch_size, info.world)
@@ -176,31 +182,13 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
 
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     ckpt = find_resume(t.resume, out, info)
-    raw = task.build_model(info.device, ckpt)
-    if t.activation_checkpointing:
-        apply_activation_checkpointing(raw)
-    model = D.parallelize(raw, cfg.dist.strategy, info)
-    opt = build_optimizer(
-        model,
-        cfg.optim,
-        info.device.type,
-        cfg.dist.strategy == "zero1" and info.enabled,
-        task.param_groups(raw),
-    )
+    raw, model, opt = _build(task, cfg, info, ckpt)
     train_data = task.train_data
     torch.manual_seed(t.seed + 1000 + info.rank)  # dropout streams differ per rank
 
     step, best, bad_evals = 0, math.inf if direction == "min" else -math.inf, 0
     if ckpt is not None:
-        state = load_training_state(ckpt, model, opt, cfg, info, train_data)
-        step, best, bad_evals = state["step"], state["best_val"], state["bad_evals"]
-        if info.is_main:
-            dropped = trim_metrics(out, step)  # rows logged after that checkpoint
-            print(
-                f"stoker: resuming from step {step} ({ckpt})"
-                + (f"; dropped {dropped} metrics row(s) logged after it" if dropped else ""),
-                flush=True,
-            )
+        step, best, bad_evals = _resume(ckpt, model, opt, cfg, info, train_data, out)
     fwd = torch.compile(model) if t.compile else model
 
     loading = loader_settings(
@@ -216,24 +204,13 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
     sync = info.device.type == "cuda"
     tracker = _make_tracker(cfg, info)
     meter = Throughput(task.flops_per_token(), info, precision)
-    bar = progress_bar(step, t.max_steps, info.is_main)
     stopped, last_eval, loss_mean = None, {}, None
     live_advice = AdviceOnce()  # advice printed at the start, then when a rule first fires
-    if info.is_main:  # config-level advice (nothing measured yet)
-        print(f"stoker: deterministic: {repro}", flush=True)
-        print(
-            f"stoker: data loading: {loading['num_workers']} worker(s), pin_memory "
-            f"{loading['pin_memory']}"
-            + (
-                f", prefetch {loading['prefetch_factor']} per worker"
-                if loading["num_workers"]
-                else ""
-            ),
-            flush=True,
-        )
-        print_advice(
-            live_advice.new(advise(signals_for_run(cfg, info.device, precision, info.world)))
-        )
+    if info.is_main:  # the header's last lines; config-level advice (nothing measured yet)
+        print(H.model_data_line(raw, cfg.data.dir, data_meta), flush=True)
+        print(H.settings_line(precision, repro, loading), flush=True)
+        print_advice(live_advice.new(_advice(cfg, info, precision)))
+    bar = progress_bar(step, t.max_steps, info.is_main)
 
     def save(step: int) -> None:
         train_data.next_step = step  # batches are built ahead (workers); the saved position
@@ -300,20 +277,7 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
             meter.end_step(int(tokens))
             monitor.step = step
             if not sync or log_now or eval_now or save_now:  # host reads: free on a CPU
-                bad = guard.poll()
-                if bad and t.nan_policy == "skip":
-                    print(
-                        f"stoker: non-finite loss or gradients at {bad.count} step(s) "
-                        f"from step {bad.first}; those steps skipped",
-                        flush=True,
-                    )
-                elif bad:
-                    save(step)
-                    raise StokerError(
-                        f"loss or gradients became non-finite at step {bad.first}; saved the "
-                        f"last good state (step {step}, that step not applied) to {out}; "
-                        "lower optim.lr, raise optim.warmup_steps or use train.nan_policy=skip"
-                    )
+                _check_finite(guard, t.nan_policy, step, save, out)
 
             if log_now:
                 extra = task.telemetry(raw)  # the model's own, e.g. MoR routing
@@ -334,22 +298,12 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
                     refresh=False,
                 )
                 if info.is_main and step > t.log_interval:  # the first window includes warm-up
+                    measured = {
+                        "data_wait": row["data_wait"],
+                        "num_workers": loading["num_workers"],
+                    }
                     print_advice(
-                        live_advice.new(
-                            advise(
-                                signals_for_run(
-                                    cfg,
-                                    info.device,
-                                    precision,
-                                    info.world,
-                                    {
-                                        "data_wait": row["data_wait"],
-                                        "num_workers": loading["num_workers"],
-                                    },
-                                )
-                            )
-                        ),
-                        bar.write,
+                        live_advice.new(_advice(cfg, info, precision, measured)), bar.write
                     )
             bar.update(1)
 
@@ -381,20 +335,13 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
         # share of the run's time the system monitor cost (sampler CPU + bar line)
         "monitor_overhead": monitor.cost_seconds / max(meter.elapsed(), 1e-9),
     }
-    summary["advice"] = advise(
-        signals_for_run(
-            cfg,
-            info.device,
-            precision,
-            info.world,
-            {
-                "data_wait": monitor.data_wait,
-                "tokens_per_second": summary["tokens_per_second"],
-                "tokenize_tokens_per_second": prep_stats.get("tokens_per_second"),
-                "num_workers": loading["num_workers"],
-            },
-        )
-    )
+    measured = {
+        "data_wait": monitor.data_wait,
+        "tokens_per_second": summary["tokens_per_second"],
+        "tokenize_tokens_per_second": prep_stats.get("tokens_per_second"),
+        "num_workers": loading["num_workers"],
+    }
+    summary["advice"] = _advice(cfg, info, precision, measured)
     if info.is_main:
         print_advice(summary["advice"])
     tracker.summary(summary)
@@ -402,6 +349,56 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path) -> dict[str, Any]:
     if info.is_main:
         print(f"stoker: {stopped or 'done'} — {meter.summary_line(summary)}", flush=True)
     return summary
+
+
+def _build(task, cfg: RecipeConfig, info: D.DistInfo, ckpt: Path | None):
+    """(raw model, parallelized model, optimizer): built on the device, activation
+    checkpointing and the strategy applied from outside."""
+    raw = task.build_model(info.device, ckpt)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(raw)
+    model = D.parallelize(raw, cfg.dist.strategy, info)
+    zero1 = cfg.dist.strategy == "zero1" and info.enabled
+    opt = build_optimizer(model, cfg.optim, info.device.type, zero1, task.param_groups(raw))
+    return raw, model, opt
+
+
+def _resume(ckpt: Path, model, opt, cfg: RecipeConfig, info: D.DistInfo, data, out: Path):
+    """Load a checkpoint's training state; (step, best value, evals without improvement)."""
+    state = load_training_state(ckpt, model, opt, cfg, info, data)
+    step = state["step"]
+    if info.is_main:
+        dropped = trim_metrics(out, step)  # rows logged after that checkpoint
+        print(
+            f"stoker: resuming from step {step} ({ckpt})"
+            + (f"; dropped {dropped} metrics row(s) logged after it" if dropped else ""),
+            flush=True,
+        )
+    return step, state["best_val"], state["bad_evals"]
+
+
+def _advice(cfg: RecipeConfig, info: D.DistInfo, precision: str, measured=None) -> list[str]:
+    """What monitor/advice.py recommends for this run (`measured`: what the run saw so far)."""
+    return advise(signals_for_run(cfg, info.device, precision, info.world, measured))
+
+
+def _check_finite(guard: NonFiniteGuard, nan_policy: str, step: int, save, out: Path) -> None:
+    """After the device's skipped non-finite steps: report them (`skip`), or save the last
+    good state and stop with a StokerError."""
+    bad = guard.poll()
+    if bad and nan_policy == "skip":
+        print(
+            f"stoker: non-finite loss or gradients at {bad.count} step(s) "
+            f"from step {bad.first}; those steps skipped",
+            flush=True,
+        )
+    elif bad:
+        save(step)
+        raise StokerError(
+            f"loss or gradients became non-finite at step {bad.first}; saved the "
+            f"last good state (step {step}, that step not applied) to {out}; "
+            "lower optim.lr, raise optim.warmup_steps or use train.nan_policy=skip"
+        )
 
 
 def _early_stopping(task, t) -> tuple[str, str]:
@@ -437,5 +434,5 @@ def train_command(args) -> int:
             f"--phase applies to multi-phase recipes (dynamo); {args.recipe} is "
             f"a {cfg.recipe} recipe"
         )
-    train(cfg)
+    train(cfg, args.recipe)
     return 0
