@@ -65,7 +65,6 @@ LONG_FUNCTIONS = {
     "train/loop.py::_train": 193,  # the one training loop; target 150
     "hf_adapters.py::import_adapter": 64,
     "eval/perplexity.py::evaluate_checkpoint": 63,
-    "cli.py::_add_arguments": 63,
 }
 
 

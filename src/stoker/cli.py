@@ -19,6 +19,10 @@ from stoker.errors import StokerError
 # (plus `overrides`, the list of --section.key=value strings, for recipe commands).
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("stoker.train.loop:train_command", "train a recipe (one process, or under torchrun)"),
+    "validate": (
+        "stoker.validate:validate_command",
+        "preflight a recipe: each check of its setup PASS or FAIL",
+    ),
     "prepare": (
         "stoker.tasks:prepare_command",
         "corpus -> tokenizer -> token shards for a recipe",
@@ -64,7 +68,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "tokens/s of stoker's model and data loader vs transformers and nanoGPT",
     ),
 }
-RECIPE_COMMANDS = {"train", "prepare"}
+RECIPE_COMMANDS = {"train", "prepare", "validate"}
 
 
 class Parser(argparse.ArgumentParser):
@@ -168,8 +172,12 @@ def _add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _add_arguments(name: str, p: argparse.ArgumentParser) -> None:
-    if name in ("train", "prepare"):
+    if name in ("train", "prepare", "validate"):
         _add_recipe_args(p)
+    if name == "validate":
+        from stoker.validate import add_arguments as add_validate_arguments
+
+        add_validate_arguments(p)
     if name == "train":
         p.add_argument("--phase", type=int, action="append", choices=[1, 2, 3],
                        help="multi-phase recipes (dynamo): run only this phase (repeatable); "
@@ -265,7 +273,7 @@ def _choose_cpu_math(args: argparse.Namespace) -> None:
 
     if args.command == "train":
         reproducibility.choose_for_recipe(args.recipe, args.overrides)
-    elif args.command in ("eval", "generate", "predict"):
+    elif args.command in ("eval", "generate", "predict", "validate"):
         reproducibility.choose_cpu_math(True)
 
 

@@ -113,6 +113,29 @@ class Task:
         """The model's own figures to log with every logged step (e.g. MoR routing)."""
         return {}
 
+    # ------------------------------------------------------------------------ validation
+    def inspect_batch(self, batch: Any) -> str:
+        """`stoker validate`'s data check: raise `StokerError` when a sample of `batch` is
+        trained on nothing or its labels are not its response; else a one-line description
+        (e.g. the first response, decoded)."""
+        n = self.count(batch)
+        if n < 1:
+            from stoker.errors import StokerError
+
+            raise StokerError("the batch has no supervised target")
+        return f"{n} supervised targets"
+
+    def fit_loss(self, model: nn.Module, batch: Any) -> torch.Tensor | None:
+        """What `stoker validate`'s short run watches while it trains on one batch, when not
+        the training loss itself: a stage whose trainable part cannot move the whole loss
+        (a router choosing among frozen adapters) watches what that part predicts."""
+        return None
+
+    def initial_loss(self) -> float | None:
+        """The mean loss a freshly initialized head gives (ln V for a new LM head), or None
+        when the model starts from trained weights."""
+        return None
+
     # ------------------------------------------------------------------------ evaluation
     def evaluate(self, model: nn.Module, n_batches: int, amp, n_micro: int) -> dict[str, float]:
         """Metrics over `n_batches` fixed validation batches (each rank its share)."""
@@ -133,6 +156,34 @@ def loss_metrics(total: float, count: float) -> dict[str, float]:
     """val_loss (mean over targets), val_perplexity and the number of targets."""
     loss = total / max(count, 1.0)
     return {"val_loss": loss, "val_perplexity": math.exp(min(loss, 50)), "val_targets": count}
+
+
+def check_supervised_rows(ids: torch.Tensor, labels: torch.Tensor, shift: int, pad: torch.Tensor,
+                          ignore: int = -100) -> list[int]:  # fmt: skip
+    """The checks of `inspect_batch` on (b, T) ids and labels: every row has a target, no
+    padding position (`pad`, (b, T) bool) is one, and each target is the input token `shift`
+    positions later (1: labels already shifted; 0: shifted by the loss). Returns the rows'
+    target counts; raises `StokerError` naming the first bad row."""
+    from stoker.errors import StokerError
+
+    on = labels != ignore  # (b, T)
+    counts = on.sum(1).tolist()
+    for row, n in enumerate(counts):
+        if n == 0:
+            raise StokerError(f"sample {row} of the batch has no supervised token (every label "
+                              "masked); it would train on nothing")  # fmt: skip
+    if bool((on & pad).any()):
+        row = int((on & pad).any(1).nonzero()[0])
+        raise StokerError(f"sample {row} of the batch has labels on padding")
+    target = ids.roll(-shift, dims=1) if shift else ids
+    bad = on & (labels != target)
+    if shift:
+        bad[:, -shift:] &= False  # the last positions have no next token in the row
+    if bool(bad.any()):
+        row = int(bad.any(1).nonzero()[0])
+        raise StokerError(f"sample {row}'s labels are not its own tokens (shifted by {shift}); "
+                          "they would train on something else than the response")  # fmt: skip
+    return counts
 
 
 def sum_over_ranks(values: list[float], info: DistInfo) -> list[float]:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from stoker.data.sft import IGNORE
 from stoker.errors import StokerError
 from stoker.models.gpt import lm_loss_sum
 from stoker.tasks.base import Task, loss_metrics, sum_over_ranks
@@ -197,6 +198,23 @@ class FinetuneTask(Task):
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         total, _ = lm_loss_sum(self.forward(model, batch), batch.labels)
         return total, None
+
+    def inspect_batch(self, batch) -> str:
+        from stoker.tasks.base import check_supervised_rows
+
+        on = batch.labels != IGNORE
+        samples = 0
+        for row in range(len(batch.doc_ids)):  # packed rows hold several samples
+            for doc in batch.doc_ids[row].unique().tolist():
+                if doc < 0:
+                    continue
+                samples += 1
+                if not bool(on[row][batch.doc_ids[row] == doc].any()):
+                    raise StokerError(f"sample {doc} of row {row} has no supervised token (its "
+                                      "response is masked or cut off)")  # fmt: skip
+        check_supervised_rows(batch.input_ids, batch.labels, 1, batch.doc_ids < 0, IGNORE)
+        return (f"{samples} samples, each with a supervised response; {batch.n_targets} "
+                "targets, none on padding")  # fmt: skip
 
     def forward(self, model: nn.Module, batch) -> torch.Tensor:
         if self.cfg.data.batching != "pack":  # padding on the right: causal attention suffices

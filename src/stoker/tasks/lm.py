@@ -9,12 +9,14 @@ split's windows for seed + 1, the same in training and in `stoker eval`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 
+from stoker.errors import StokerError
 from stoker.models.gpt import lm_loss_sum
 from stoker.tasks.base import Task, loss_metrics, sum_over_ranks
 from stoker.tasks.source import resolve_init
@@ -77,6 +79,17 @@ class LanguageModelTask(Task):
         total, _ = lm_loss_sum(model(x), y)
         aux = getattr(_raw(model), "auxiliary_loss", None)
         return total, aux() if aux is not None else None
+
+    def inspect_batch(self, batch) -> str:
+        x, y = batch
+        if not torch.equal(x[:, 1:], y[:, :-1]):
+            raise StokerError("the targets are not the inputs shifted by one token")
+        return f"{x.shape[0]} windows of {x.shape[1]} tokens, targets = inputs shifted by one"
+
+    def initial_loss(self) -> float | None:
+        mor = getattr(self.cfg, "mor", None)
+        fresh = self.source is None and (mor is None or mor.init_from is None)
+        return math.log(self.cfg.model.vocab_size) if fresh else None
 
     def telemetry(self, model: nn.Module) -> dict[str, float]:
         fn = getattr(_raw(model), "telemetry", None)

@@ -203,6 +203,14 @@ class DynamoTask(Task):
             losses = losses + d.phase3.distill_weight * kl
         return losses.sum(), aux
 
+    def fit_loss(self, model: nn.Module, batch) -> torch.Tensor | None:
+        """Phase 2 trains the router only: its task-id cross-entropy (the mixed adapters'
+        losses are bounded by the frozen adapters)."""
+        if self.phase != 2:
+            return None
+        out = model(batch, tau=self.cfg.dynamo.router.tau_end)
+        return F.cross_entropy(out["router_logits"].float(), batch["task"])
+
     # ------------------------------------------------------------------------ evaluation
     def evaluate(self, model: nn.Module, n_batches: int, amp, n_micro: int) -> dict[str, float]:
         from stoker.tasks.dynamo.evaluate import task_scores

@@ -19,6 +19,7 @@ them, each one run of train/loop.py in its own directory under the recipe's `tra
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,38 @@ class MultimodalTask(Task):
             return loss, None
         logits = model(batch["input_ids"]) if self.kind == "lm" else model(batch)
         return lm_loss_sum(logits[:, :-1], batch["labels"][:, 1:])[0], None
+
+    # ------------------------------------------------------------------------ validation
+    def inspect_batch(self, batch) -> str:
+        from stoker.tasks.base import check_supervised_rows
+
+        if self.kind not in ("lm", "phase2"):
+            y = batch["y" if self.modality else "label"]
+            n = self.cfg.data.n_classes
+            if bool(((y < 0) | (y >= n)).any()):
+                raise StokerError(f"a label is outside 0..{n - 1} (data.n_classes={n})")
+            return f"{len(y)} items, labels in 0..{n - 1}"
+        ids, labels = batch["input_ids"], batch["labels"]
+        check_supervised_rows(ids, labels, 0, ids == self.train_data.pad_id, chat.IGNORE)
+        for m in self.cfg.multimodal.modalities if self.kind == "phase2" else ():
+            has = batch[f"has_{m}"].bool()
+            loaded = batch[m].flatten(1).abs().sum(1) > 0  # absent files are zeros
+            if not torch.equal(has, loaded):
+                row = int((has != loaded).nonzero()[0])
+                raise StokerError(f"sample {row}'s has_{m}={bool(has[row])} disagrees with "
+                                  f"its {m} tensor")  # fmt: skip
+        tok = lm.tokenizer(self.cfg)
+        first = tok.decode(labels[0][labels[0] != chat.IGNORE].tolist())
+        present = "; ".join(f"{m} in {int(batch[f'has_{m}'].sum())}/{len(ids)}"
+                            for m in self.cfg.multimodal.modalities if f"has_{m}" in batch)  # fmt: skip
+        return f"{len(ids)} conversations supervised; first answer {first!r}" + (
+            f"; {present}" if present else ""
+        )
+
+    def initial_loss(self) -> float | None:
+        if self.kind == "lm":
+            return math.log(lm.tokenizer(self.cfg).vocab_size)
+        return math.log(self.cfg.data.n_classes) if self.kind == "encoder" else None
 
     # ------------------------------------------------------------------------ evaluation
     @torch.no_grad()
