@@ -75,6 +75,7 @@ class Phase2Config(Section):
     on the conversations; aligner and encoders frozen."""
 
     n_tokens: PositiveInt = 4  # soft tokens per modality
+    projector_hidden: PositiveInt | None = None  # the projectors' middle width; None: LM hidden
     max_steps: PositiveInt = 300
     lr: PositiveFloat = 3e-3
     lora_lr_scale: PositiveFloat = 0.1  # projectors learn from scratch, LoRA adapts

@@ -71,3 +71,21 @@ def test_a_missing_data_dir_fails_config_and_skips_the_rest(capsys):
 def test_only_names_a_check(capsys):
     assert main(["validate", "recipes/pretrain/tiny.yaml", "--only", "nope"]) == 2
     assert "no such check" in capsys.readouterr().err
+
+
+def test_init_reproduces_the_qwen_multimodal_counts_on_the_meta_device():
+    from stoker.config import load_config
+    from stoker.validate.params import full_shape_table
+
+    cfg = load_config(Path(__file__).parent / "multimodal-qwen2.5-0.5b-shapes.yaml")
+    table = full_shape_table(cfg, "phase2")
+    assert "projectors 8,397,824" in table and "lora 2,162,688" in table, table
+    # + 2 x 4 x 896 learned missing-modality embeddings; the decoder is Qwen2.5-0.5B's 494.0M
+    assert "missing 7,168" in table and "10,567,680 trainable" in table, table
+    assert full_shape_table(cfg, "lm").startswith("494,032,768 parameters")
+
+
+def test_quick_init_shows_the_recipe_shapes_next_to_the_tiny_ones():
+    results, _ = run_validation("recipes/pretrain/gpt2-124m.yaml", [], True, ["init"])
+    init = results[1].detail
+    assert "at the recipe's shapes (meta device): 124,439,808 parameters" in init, init

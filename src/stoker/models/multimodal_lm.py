@@ -18,11 +18,15 @@ import torch.nn as nn
 
 
 class Projector(nn.Module):
-    def __init__(self, in_dim: int, hidden: int, n_tokens: int, sequence: bool = False):
+    """`in_dim` -> `mid` (default: `hidden`) -> GELU -> `n_tokens` tokens of size `hidden`."""
+
+    def __init__(self, in_dim: int, hidden: int, n_tokens: int, sequence: bool = False,
+                 mid: int | None = None):  # fmt: skip
         super().__init__()
         self.n_tokens, self.hidden, self.sequence = n_tokens, hidden, sequence
+        mid = mid or hidden
         out = hidden if sequence else hidden * n_tokens
-        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.GELU(), nn.Linear(hidden, out))
+        self.net = nn.Sequential(nn.Linear(in_dim, mid), nn.GELU(), nn.Linear(mid, out))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence:
@@ -35,12 +39,14 @@ class MultimodalLM(nn.Module):
     caller); `tag_ids` the placeholder id of each modality."""
 
     def __init__(self, encoders: nn.ModuleDict, aligner: nn.Module, lm: nn.Module,
-                 tag_ids: dict[str, int], n_tokens: int):  # fmt: skip
+                 tag_ids: dict[str, int], n_tokens: int, mid: int | None = None):  # fmt: skip
         super().__init__()
         self.encoders, self.aligner, self.lm = encoders, aligner, lm
         self.tag_ids, self.n_tokens = dict(tag_ids), n_tokens
         C = lm.config.d_model
-        self.projectors = nn.ModuleDict({m: Projector(aligner.dim, C, n_tokens) for m in encoders})
+        self.projectors = nn.ModuleDict(
+            {m: Projector(aligner.dim, C, n_tokens, mid=mid) for m in encoders}
+        )
         self.missing = nn.ParameterDict(
             {m: nn.Parameter(torch.randn(n_tokens, C) * lm.config.init_std) for m in encoders}
         )

@@ -73,9 +73,10 @@ def selected(only: list[str] | None) -> list[str]:
     return [n for n in ORDER if n in want]
 
 
-def check_unit(unit: str, cfg: Any, work: Path, names: list[str], say, quick: bool = False
-               ) -> list[Result]:  # fmt: skip
+def check_unit(unit: str, cfg: Any, work: Path, names: list[str], say, quick: bool = False,
+               full: Any = None) -> list[Result]:  # fmt: skip
     probe, results, passed = Probe(cfg, work, quick), [], set()
+    probe.unit, probe.full = unit, full
     for name in names:
         missing = [n for n in NEEDS[name] if n not in passed]
         if missing:
@@ -127,6 +128,7 @@ def run_validation(recipe: str, overrides: list[str], quick: bool, only: list[st
         try:
             cfg = load_config(recipe, overrides)
             said: list[str] = []
+            full = cfg if quick else None
             if quick:
                 from stoker.validate.quick import quick_config
 
@@ -144,12 +146,12 @@ def run_validation(recipe: str, overrides: list[str], quick: bool, only: list[st
                 say(x)
             return [r, *rest], []
         if stages is None:
-            return check_unit("", cfg, work / "probe", names, say, quick), said
+            return check_unit("", cfg, work / "probe", names, say, quick, full), said
         results: list[Result] = []
         for i, stage in enumerate(stages):
             # one tracker section for every stage: its run is checked once
             mine = [n for n in names if n != "tracking" or i == 0]
-            unit = check_unit(stage.name, stage.cfg, work / f"probe-{i}", mine, say, quick)
+            unit = check_unit(stage.name, stage.cfg, work / f"probe-{i}", mine, say, quick, full)
             results += unit
             if i + 1 < len(stages):
                 ok = all(r.status == "PASS" for r in unit)

@@ -28,6 +28,7 @@ class Probe:
 
     def __init__(self, cfg: Any, work: Path, quick: bool = False):
         self.cfg, self.work, self.quick = cfg, work, quick
+        self.unit, self.full = "", None  # the stage; the recipe's own config (--quick)
         work.mkdir(parents=True, exist_ok=True)
         self.task: Any = None
         self.model: nn.Module | None = None
@@ -96,10 +97,12 @@ def check_init(p: Probe) -> str:
     if not train:
         raise Failed("the model has no trainable parameter")
     n_train, n_all = _count(train), _count(train) + _count(frozen)
-    from stoker.validate.params import groups_table
+    from stoker.validate.params import full_shape_table, groups_table
 
-    return (f"{n_all:,} parameters, {n_train:,} trainable ({100 * n_train / n_all:.2f}%)"
-            f"{groups_table(train)}")  # fmt: skip
+    detail = (f"{n_all:,} parameters, {n_train:,} trainable ({100 * n_train / n_all:.2f}%)"
+              f"{groups_table(train)}")  # fmt: skip
+    full = full_shape_table(p.full, p.unit) if p.full is not None else None
+    return detail + (f" | at the recipe's shapes (meta device): {full}" if full else "")
 
 
 def check_data(p: Probe) -> str:

@@ -21,3 +21,46 @@ def groups_table(params: dict[str, nn.Parameter]) -> str:
     if len(sums) < 2:
         return ""
     return "; " + ", ".join(f"{g} {n:,}" for g, n in sorted(sums.items(), key=lambda kv: -kv[1]))
+
+
+def _skeleton(cfg, unit: str) -> nn.Module | None:
+    """The model of `unit` at the recipe's own shapes on the meta device (no memory, no
+    weights read), frozen as its task freezes it; None where that needs files (a decoder of
+    `train.init_from`, DYNAMO's encoder)."""
+    import torch
+
+    from stoker.api import build_model
+
+    if cfg.recipe in ("pretrain", "mor") and cfg.train.init_from is None:
+        return build_model(cfg.model, "meta", cfg.mor if cfg.recipe == "mor" else None)
+    if cfg.recipe != "multimodal" or unit not in ("lm", "phase2"):
+        return None
+    from stoker.models.gpt import build_model as build_decoder
+    from stoker.models.lora import apply_lora
+    from stoker.models.multimodal import freeze
+    from stoker.models.multimodal_lm import MultimodalLM
+    from stoker.tasks.multimodal.task import AlignModel, build_encoder
+
+    mm = cfg.multimodal
+    if unit == "phase2":  # the small encoders on the CPU (their mel filter bank is computed)
+        encoders = {m: freeze(build_encoder(cfg, m)) for m in mm.modalities}
+    with torch.device("meta"):
+        lm = build_decoder(mm.lm.model)  # vocab_size as the recipe writes it
+        if unit == "lm":
+            return lm
+        align = AlignModel(encoders, mm.aligner.dim)
+        apply_lora(lm, cfg.lora)
+        return MultimodalLM(align.encoders, freeze(align.aligner), lm, {}, mm.phase2.n_tokens,
+                            mm.phase2.projector_hidden)  # fmt: skip
+
+
+def full_shape_table(cfg, unit: str) -> str | None:
+    """'N parameters, T trainable (x%): lora …, projectors …' of `unit` at full shape."""
+    model = _skeleton(cfg, unit)
+    if model is None:
+        return None
+    train = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in train.values())
+    return (f"{n_all:,} parameters, {n_train:,} trainable ({100 * n_train / n_all:.2f}%)"
+            f"{groups_table(train)}")  # fmt: skip

@@ -151,12 +151,31 @@ def _quick_dynamo(d: dict[str, Any], said: list[str]) -> None:
     d["data"].update(max_length=64, eval_examples=4)
     dy = d["dynamo"]
     for t in dy["tasks"]:
+        _offline_file(t, Path(d["data"]["dir"]), said)
         t.update(max_examples=32, max_source=min(t.get("max_source") or 48, 48),
                  max_target=min(t.get("max_target") or 16, 16))  # fmt: skip
+        if t.get("doc_stride"):
+            t["doc_stride"] = min(t["doc_stride"], 16)  # below the quick max_length
     for phase in ("phase1", "phase2", "phase3"):
         dy[phase].update(max_steps=2, eval_interval=2)
     dy["router"]["hidden"] = 16
     dy["generation"] = dy["generation"] | {"max_new_tokens": 4, "num_beams": 1}
+
+
+def _offline_file(t: dict[str, Any], root: Path, said: list[str]) -> None:
+    """A task whose file is absent reads the offline task data's file of its kind
+    (scripts/dynamo_data.py writes them), when that is in the data dir."""
+    if (root / t["file"]).exists() or Path(t["file"]).is_absolute() and Path(t["file"]).exists():
+        return
+    translation = t.get("format") == "translation"
+    code = bool(t.get("code")) or t.get("format") == "code"
+    name = {"classify": "sentiment", "qa": "qa"}.get(t["kind"]) or (
+        "translation" if translation else "code" if code else "summarization"
+    )
+    if (root / f"{name}.jsonl").is_file():
+        said.append(f"dynamo task {t['name']}: {t['file']} -> {name}.jsonl")
+        t.update(file=f"{name}.jsonl", format="translation" if translation else "auto",
+                 code=code, source_lang=None, target_lang=None)  # fmt: skip
 
 
 def _quick_multimodal(d: dict[str, Any]) -> None:

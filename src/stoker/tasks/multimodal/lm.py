@@ -164,7 +164,8 @@ def build_mm(cfg) -> torch.nn.Module:
         torch.manual_seed(cfg.train.seed + 2)
         apply_lora(lm, cfg.lora)  # freezes the rest of the LM
         model = MultimodalLM(align.encoders, freeze(align.aligner), lm,
-                             tokenizer(cfg).tag_ids, cfg.multimodal.phase2.n_tokens)  # fmt: skip
+                             tokenizer(cfg).tag_ids, cfg.multimodal.phase2.n_tokens,
+                             cfg.multimodal.phase2.projector_hidden)  # fmt: skip
     return model
 
 
