@@ -18,7 +18,10 @@ class ModalityEncoderConfig(Section):
     """One modality's encoder (models/multimodal.py `ENCODERS`), pretrained on its labelled
     files for `pretrain_steps` at `lr`, then frozen."""
 
-    kind: Literal["image_cnn", "audio_cnn"]
+    # image_cnn / audio_cnn: built and pretrained here; hf_clip / hf_siglip (image) and
+    # hf_whisper (audio): a local Hugging Face directory (`path`), pretrained, frozen as is
+    kind: Literal["image_cnn", "audio_cnn", "hf_clip", "hf_siglip", "hf_whisper"]
+    path: str | None = None  # the hf_* kinds' directory
     widths: list[PositiveInt] = [16, 32, 64]  # channels of each conv block
     n_mels: PositiveInt = 40  # audio: log-mel bands
     n_fft: PositiveInt = 512  # audio: STFT window (samples)
@@ -30,7 +33,14 @@ class ModalityEncoderConfig(Section):
     def _check(self) -> ModalityEncoderConfig:
         if not self.widths:
             raise ValueError("widths must name at least one conv block's channels")
+        if self.pretrained and not self.path:
+            raise ValueError(f"kind {self.kind} needs path: a local Hugging Face directory")
         return self
+
+    @property
+    def pretrained(self) -> bool:
+        """A frozen pretrained encoder (no encoder stage trains it)."""
+        return self.kind.startswith("hf_")
 
 
 class MultimodalDataConfig(Section):
@@ -99,6 +109,11 @@ class MultimodalConfig(Section):
     def modalities(self) -> list[str]:
         return [m for m in MODALITIES if getattr(self, m) is not None]
 
+    @property
+    def trained_encoders(self) -> list[str]:
+        """The modalities whose encoder an `encoder:<modality>` stage pretrains here."""
+        return [m for m in self.modalities if not self.encoder(m).pretrained]
+
     def encoder(self, modality: str) -> ModalityEncoderConfig:
         enc = getattr(self, modality)
         assert enc is not None
@@ -108,14 +123,17 @@ class MultimodalConfig(Section):
     def _check(self) -> MultimodalConfig:
         if len(self.modalities) < 2:
             raise ValueError("multimodal needs two modalities (image and audio) to align")
+        kinds = {
+            "image": ("image_cnn", "hf_clip", "hf_siglip"),
+            "audio": ("audio_cnn", "hf_whisper"),
+        }
         for m in self.modalities:
-            want = f"{m}_cnn"
-            if self.encoder(m).kind != want:
+            if self.encoder(m).kind not in kinds[m]:
                 raise ValueError(f"multimodal.{m}.kind={self.encoder(m).kind} encodes another "
-                                 f"modality; use {want}")  # fmt: skip
+                                 f"modality; use one of {', '.join(kinds[m])}")  # fmt: skip
         if sorted(set(self.phases)) != self.phases:
             raise ValueError(f"multimodal.phases must be increasing and unique, got {self.phases}")
-        valid = {f"encoder:{m}" for m in self.modalities} | {"phase1", "lm", "phase2", None}
+        valid = {f"encoder:{m}" for m in self.trained_encoders} | {"phase1", "lm", "phase2", None}
         if self.stage not in valid:
             raise ValueError(f"multimodal.stage={self.stage} is not a stage of this recipe; use "
                              f"one of {', '.join(sorted(s for s in valid if s))}")  # fmt: skip

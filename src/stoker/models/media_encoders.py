@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from stoker.errors import StokerError, file_errors
 from stoker.models.audio_encoders import AudioSpec, WhisperConfig, WhisperEncoder
@@ -300,3 +301,24 @@ def load_media_encoder(
     sd = media_state_dict_from_hf(read_hf_weights(d), family, model.state_dict())
     model.load_state_dict(sd, strict=True)
     return freeze(model.float())
+
+
+class MediaFeatures(nn.Module):
+    """A frozen pretrained encoder on a recipe's raw inputs: images (B, 1|3, H, W) in 0..1,
+    or waveforms (B, samples) at `sample_rate`, linearly resampled to the encoder's rate
+    (Whisper: 16 kHz). `dim` and `features` as the small encoders of models/multimodal.py."""
+
+    def __init__(self, encoder: nn.Module, sample_rate: int | None = None):
+        super().__init__()
+        self.encoder, self.rate = encoder, sample_rate
+        self.dim = encoder.out_dim
+
+    def features(self, x: torch.Tensor, sequence: bool = False) -> torch.Tensor:
+        if (
+            self.encoder.modality == "audio"
+            and self.rate
+            and self.rate != self.encoder.spec.sample_rate
+        ):
+            n = round(x.shape[-1] * self.encoder.spec.sample_rate / self.rate)
+            x = F.interpolate(x[:, None].float(), size=n, mode="linear", align_corners=False)[:, 0]
+        return self.encoder.features(self.encoder.preprocess(x), sequence=sequence)

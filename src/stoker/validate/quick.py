@@ -133,7 +133,7 @@ def quick_config(cfg: Any, work: Path) -> tuple[Any, list[str]]:
     elif kind == "dynamo":
         _quick_dynamo(d, said)
     elif kind == "multimodal":
-        _quick_multimodal(d)
+        _quick_multimodal(d, said)
     return validate_config(d), said
 
 
@@ -178,11 +178,14 @@ def _offline_file(t: dict[str, Any], root: Path, said: list[str]) -> None:
                  code=code, source_lang=None, target_lang=None)  # fmt: skip
 
 
-def _quick_multimodal(d: dict[str, Any]) -> None:
+def _quick_multimodal(d: dict[str, Any], said: list[str]) -> None:
     # phase 2's projectors can fit a batch only if the features they get tell its samples
     # apart: the encoders and the aligner train enough steps to (2 leave them collapsed)
     mm = d["multimodal"]
     for m in ("image", "audio"):
+        if mm.get(m) and mm[m]["kind"].startswith("hf_") and not _exists(mm[m]["path"]):
+            said.append(f"multimodal.{m}: {mm[m]['kind']} {mm[m]['path']} -> a small {m}_cnn")
+            mm[m].update(kind=f"{m}_cnn", path=None)
         if mm.get(m):
             mm[m].update(widths=[8, 16], pretrain_steps=40)
     mm["aligner"].update(dim=16, max_steps=40, eval_interval=40)

@@ -37,8 +37,13 @@ def fingerprints(cfg) -> dict[str, str]:
     data.pop("eval_examples")  # how much each evaluation reads, not what trains
     common = {"data": data, **loop_settings(cfg)}
     for m in mm.modalities:
+        enc = mm.encoder(m)
+        if enc.pretrained:  # its directory's bytes
+            out[f"{ENCODER}{m}"] = fingerprint(m, enc.model_dump(mode="json"),
+                                               file_hash(Path(enc.path)))  # fmt: skip
+            continue
         path = data_path(cfg, cfg.data.images if m == "image" else cfg.data.audio)
-        out[f"{ENCODER}{m}"] = fingerprint(common, m, mm.encoder(m).model_dump(mode="json"),
+        out[f"{ENCODER}{m}"] = fingerprint(common, m, enc.model_dump(mode="json"),
                                            _files_hash(path, ("path", "label", "split")))  # fmt: skip
     align = [_files_hash(data_path(cfg, f), ("image", "audio", "label"))
              for f in (cfg.data.align_train, cfg.data.align_test)]  # fmt: skip
@@ -104,13 +109,13 @@ def plan(cfg) -> list[Stage]:
     check_files(cfg)
     names = []
     if 1 in cfg.multimodal.phases:
-        names += [f"{ENCODER}{m}" for m in cfg.multimodal.modalities] + ["phase1"]
+        names += [f"{ENCODER}{m}" for m in cfg.multimodal.trained_encoders] + ["phase1"]
     if 2 in cfg.multimodal.phases:
         names += ["lm", "phase2"]
         if 1 not in cfg.multimodal.phases:  # phase 1 must be there before anything trains
             from stoker.tasks.multimodal.task import stage_checkpoint
 
-            for n in [f"{ENCODER}{m}" for m in cfg.multimodal.modalities] + ["phase1"]:
+            for n in [f"{ENCODER}{m}" for m in cfg.multimodal.trained_encoders] + ["phase1"]:
                 stage_checkpoint(cfg, n, "phase 2")
     stages = [Stage(n, _stage_cfg(cfg, n, root), fps[n]) for n in names]
     for s in stages:

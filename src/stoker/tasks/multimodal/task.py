@@ -37,6 +37,11 @@ from stoker.tasks.multimodal.stages import ENCODER
 
 def build_encoder(cfg, modality: str) -> nn.Module:
     e = cfg.multimodal.encoder(modality)
+    if e.pretrained:  # frozen, its own weights (models/media_encoders.py)
+        from stoker.models.media_encoders import MediaFeatures, load_media_encoder
+
+        rate = cfg.data.sample_rate if modality == "audio" else None
+        return freeze(MediaFeatures(load_media_encoder(e.path, e.kind), rate))
     options: dict[str, Any] = {"widths": tuple(e.widths), "n_classes": cfg.data.n_classes}
     if modality == "audio":
         options |= {"sample_rate": cfg.data.sample_rate, "n_mels": e.n_mels, "n_fft": e.n_fft,
@@ -92,7 +97,8 @@ def build_align_model(cfg) -> AlignModel:
     encoders = {}
     for m in cfg.multimodal.modalities:
         enc = build_encoder(cfg, m)
-        load_weights(enc, stage_checkpoint(cfg, f"{ENCODER}{m}", "phase 1"))
+        if not cfg.multimodal.encoder(m).pretrained:
+            load_weights(enc, stage_checkpoint(cfg, f"{ENCODER}{m}", "phase 1"))
         encoders[m] = freeze(enc)
     return AlignModel(encoders, cfg.multimodal.aligner.dim)
 
