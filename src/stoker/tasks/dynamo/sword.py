@@ -13,7 +13,7 @@ table below (verses per chapter, KJV) names each position. Text is OSIS XML: `<n
 dropped with their content, other tags are stripped, whitespace collapsed.
 
 Used for DYNAMO's translation task: Reina-Valera 1909 (Debian `sword-text-sparv`) -> KJV
-(Debian `sword-text-kjv`), both public domain (see DATA.md).
+(Debian `sword-text-kjv`), both public domain (docs/dynamo.md lists the sources).
 """
 
 from __future__ import annotations
