@@ -78,6 +78,11 @@ class LMConfig(Section):
     model: ModelConfig = ModelConfig(n_layer=2, n_head=4, d_model=128, max_seq_len=64)
     pretrain_steps: PositiveInt = 300
     lr: PositiveFloat = 3e-3
+    # a pretrained decoder (local HF dir or stoker checkpoint) with its tokenizer and chat
+    # template: no `lm` stage; phase 2 adapts it (tasks/multimodal/hf_chat.py)
+    init_from: str | None = None
+    image_token: str = "<image>"  # with init_from: single tokens of its tokenizer that mark
+    audio_token: str = "<audio>"  # the slots (e.g. Qwen2's <|image_pad|>, <|video_pad|>)
 
 
 class Phase2Config(Section):

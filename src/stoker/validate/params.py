@@ -3,6 +3,8 @@ they are (LoRA factors, projectors, missing-modality embeddings, heads, the rest
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch.nn as nn
 
 
@@ -39,19 +41,38 @@ def _skeleton(cfg, unit: str) -> nn.Module | None:
     from stoker.models.lora import apply_lora
     from stoker.models.multimodal import freeze
     from stoker.models.multimodal_lm import MultimodalLM
-    from stoker.tasks.multimodal.task import AlignModel, build_encoder
+    from stoker.tasks.multimodal.task import AlignModel
 
     mm = cfg.multimodal
     if unit == "phase2":  # the small encoders on the CPU (their mel filter bank is computed)
-        encoders = {m: freeze(build_encoder(cfg, m)) for m in mm.modalities}
+        encoders = {m: _encoder(cfg, m) for m in mm.modalities}
+    shape = mm.lm.model  # vocab_size as the recipe writes it, or the pretrained decoder's
+    if mm.lm.init_from is not None and Path(mm.lm.init_from).exists():
+        from stoker.tasks.source import open_source
+
+        shape = open_source(mm.lm.init_from, "multimodal.lm.init_from").model
     with torch.device("meta"):
-        lm = build_decoder(mm.lm.model)  # vocab_size as the recipe writes it
+        lm = build_decoder(shape)
         if unit == "lm":
             return lm
         align = AlignModel(encoders, mm.aligner.dim)
         apply_lora(lm, cfg.lora)
         return MultimodalLM(align.encoders, freeze(align.aligner), lm, {}, mm.phase2.n_tokens,
                             mm.phase2.projector_hidden)  # fmt: skip
+
+
+def _encoder(cfg, modality: str) -> nn.Module:
+    """The unit's encoder; a pretrained one whose directory is absent counts as nothing (an
+    empty module of the aligner's input width)."""
+    from stoker.models.multimodal import freeze
+    from stoker.tasks.multimodal.task import build_encoder
+
+    enc = cfg.multimodal.encoder(modality)
+    if enc.pretrained and not Path(enc.path).exists():
+        empty = nn.Module()
+        empty.dim = cfg.multimodal.aligner.dim
+        return empty
+    return freeze(build_encoder(cfg, modality))
 
 
 def full_shape_table(cfg, unit: str) -> str | None:

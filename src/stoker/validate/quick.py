@@ -187,12 +187,16 @@ def _quick_multimodal(d: dict[str, Any], said: list[str]) -> None:
             said.append(f"multimodal.{m}: {mm[m]['kind']} {mm[m]['path']} -> a small {m}_cnn")
             mm[m].update(kind=f"{m}_cnn", path=None)
         if mm.get(m):
-            mm[m].update(widths=[8, 16], pretrain_steps=40)
-    mm["aligner"].update(dim=16, max_steps=40, eval_interval=40)
+            mm[m].update(widths=[8, 16], pretrain_steps=40, lr=max(mm[m]["lr"], 3e-3))
+    mm["aligner"].update(dim=16, max_steps=40, eval_interval=40, lr=max(mm["aligner"]["lr"], 3e-3))
+    if mm["lm"].get("init_from") and not _exists(mm["lm"]["init_from"]):
+        said.append(f"multimodal.lm.init_from {mm['lm']['init_from']} -> the digits word LM")
+        mm["lm"]["init_from"] = None
+        mm["lm"]["model"] = {"arch": "llama", "max_seq_len": 64}  # a plain small decoder
     mm["lm"]["model"] = mm["lm"]["model"] | {"n_layer": 2, "n_head": 4, "d_model": 64,
                                              "n_kv_head": None, "d_ff": 128, "head_dim": None}  # fmt: skip
     # the decoder phase 2 adapts must know its words: a 2-step one caps its frozen tied head's
     # logits near zero, and no adapter can then fit an answer
     mm["lm"].update(pretrain_steps=200, lr=1e-2)
-    mm["phase2"].update(max_steps=2, eval_interval=2, max_new_tokens=2)
+    mm["phase2"].update(max_steps=2, eval_interval=2, max_new_tokens=2, projector_hidden=None)
     d["data"]["eval_examples"] = 8

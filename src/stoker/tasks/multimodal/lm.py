@@ -14,6 +14,7 @@ Batches pad each micro-batch to its longest row (`phase2.pad: longest`) or to th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -56,6 +57,15 @@ def described(cfg, rows: list[dict]) -> list[dict]:
 
 
 def tokenizer(cfg) -> chat.WordTokenizer:
+    """The digits task's word tokenizer, or a pretrained decoder's (`lm.init_from`)."""
+    if cfg.multimodal.lm.init_from is not None:
+        from stoker.tasks.multimodal.hf_chat import open_chat
+
+        lm = cfg.multimodal.lm
+        key = (str(Path(lm.init_from).resolve()), lm.image_token, lm.audio_token)
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = open_chat(cfg)
+        return _TOKENIZERS[key]
     key = (str(md.data_path(cfg, cfg.data.chat_train).resolve()), cfg.data.images,
            cfg.data.audio)  # fmt: skip
     if key not in _TOKENIZERS:
@@ -84,7 +94,8 @@ def conversations(cfg, split: str, with_media: bool = True) -> Conversations:
                    for n, d in enumerate(described(cfg, rows), 1)]  # fmt: skip
         return Conversations(samples, kinds, {})
     mods, N = cfg.multimodal.modalities, cfg.multimodal.phase2.n_tokens
-    samples = [chat.render(tok, r, mods, N, f"{path} line {n}") for n, r in enumerate(rows, 1)]
+    render = tok.render if hasattr(tok, "render") else lambda *a: chat.render(tok, *a)
+    samples = [render(r, mods, N, f"{path} line {n}") for n, r in enumerate(rows, 1)]
     tensors: dict[str, torch.Tensor] = {}
     for m in mods:
         load = md.load_image if m == "image" else md.load_clip
@@ -146,6 +157,19 @@ def build_lm(cfg) -> torch.nn.Module:
         return build_model(shape)
 
 
+def pretrained_lm(cfg) -> torch.nn.Module:
+    """`lm.init_from`'s decoder (its weights, dropout 0), checked against its tokenizer."""
+    from stoker.tasks.source import load_source_model, open_source
+
+    lm = load_source_model(open_source(cfg.multimodal.lm.init_from, "multimodal.lm.init_from"),
+                           "cpu")  # fmt: skip
+    tok = tokenizer(cfg)
+    if max(tok.tag_ids.values()) >= lm.config.vocab_size:
+        raise StokerError(f"multimodal.lm.init_from: a placeholder token's id is outside the "
+                          f"model's {lm.config.vocab_size}-token embedding")  # fmt: skip
+    return lm
+
+
 def build_mm(cfg) -> torch.nn.Module:
     """Phase 2's model: phase 1's encoders and aligner and the `lm` stage's decoder, frozen;
     LoRA on the decoder; projectors and missing embeddings drawn from `train.seed`."""
@@ -158,8 +182,11 @@ def build_mm(cfg) -> torch.nn.Module:
     align = build_align_model(cfg)
     save_trainable_only(align)  # phase 1's checkpoint: the aligner
     load_weights(align, stage_checkpoint(cfg, "phase1", "phase 2"))
-    lm = build_lm(cfg)
-    load_weights(lm, stage_checkpoint(cfg, "lm", "phase 2"))
+    if cfg.multimodal.lm.init_from is not None:
+        lm = pretrained_lm(cfg)
+    else:
+        lm = build_lm(cfg)
+        load_weights(lm, stage_checkpoint(cfg, "lm", "phase 2"))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed + 2)
         apply_lora(lm, cfg.lora)  # freezes the rest of the LM
@@ -182,7 +209,8 @@ def exact_match(model, conv: Conversations, tok: chat.WordTokenizer, max_new: in
             out = model.generate(b, s.prompt_len, max_new, tok.end_id, drop)
         else:
             out = generate_text(model, b["input_ids"][:, : s.prompt_len], max_new, tok.end_id)
-        want = [t for t in s.labels[s.prompt_len :] if t != tok.end_id]
+        answer = [t for t in s.labels[s.prompt_len :] if t != chat.IGNORE]
+        want = answer[: answer.index(tok.end_id)] if tok.end_id in answer else answer
         hits.setdefault(conv.kinds[i], []).append(out == want)
     result = {k: 100.0 * float(np.mean(v)) for k, v in hits.items()}
     result["all"] = 100.0 * float(np.mean([h for v in hits.values() for h in v]))

@@ -49,10 +49,14 @@ def fingerprints(cfg) -> dict[str, str]:
              for f in (cfg.data.align_train, cfg.data.align_test)]  # fmt: skip
     out["phase1"] = fingerprint(common, [out[f"{ENCODER}{m}"] for m in mm.modalities],
                                 mm.aligner.model_dump(mode="json"), align)  # fmt: skip
-    labels = [file_hash(data_path(cfg, f)) for f in (cfg.data.images, cfg.data.audio)]
+    labels = [file_hash(data_path(cfg, f)) for f in (cfg.data.images, cfg.data.audio)
+              if mm.lm.init_from is None]  # the word LM's pretraining text names them  # fmt: skip
     chats = [_files_hash(data_path(cfg, f), ("messages",))
              for f in (cfg.data.chat_train, cfg.data.chat_test)]  # fmt: skip
-    out["lm"] = fingerprint(common, mm.lm.model_dump(mode="json"), labels, chats)
+    if mm.lm.init_from is not None:  # a pretrained decoder: its directory's bytes
+        out["lm"] = fingerprint(mm.lm.model_dump(mode="json"), file_hash(Path(mm.lm.init_from)))
+    else:
+        out["lm"] = fingerprint(common, mm.lm.model_dump(mode="json"), labels, chats)
     out["phase2"] = fingerprint(common, out["phase1"], out["lm"], chats,
                                 mm.phase2.model_dump(mode="json"),
                                 cfg.lora.model_dump(mode="json"))  # fmt: skip
@@ -87,7 +91,7 @@ def check_files(cfg) -> None:
     clip or label stops the run before its first stage trains, not in a later one."""
     from stoker.tasks.multimodal import data as md
 
-    for m in cfg.multimodal.modalities:
+    for m in cfg.multimodal.trained_encoders:  # a pretrained encoder needs no labelled files
         for split in ("train", "test"):
             md.labelled(cfg, m, split)
     for split in ("train", "test"):
@@ -111,7 +115,7 @@ def plan(cfg) -> list[Stage]:
     if 1 in cfg.multimodal.phases:
         names += [f"{ENCODER}{m}" for m in cfg.multimodal.trained_encoders] + ["phase1"]
     if 2 in cfg.multimodal.phases:
-        names += ["lm", "phase2"]
+        names += ["phase2"] if cfg.multimodal.lm.init_from else ["lm", "phase2"]
         if 1 not in cfg.multimodal.phases:  # phase 1 must be there before anything trains
             from stoker.tasks.multimodal.task import stage_checkpoint
 
