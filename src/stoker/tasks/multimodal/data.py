@@ -40,8 +40,13 @@ def read_rows(path: Path, keys: tuple[str, ...]) -> list[dict]:
     if not path.is_file():
         raise StokerError(f"multimodal data file not found: {path}; build the digits task with "
                           f"`python scripts/multimodal_data.py {path.parent}`")  # fmt: skip
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise StokerError(f"{path} is not readable UTF-8 JSONL ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0][:80]}); re-create it") from None  # fmt: skip
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
