@@ -89,7 +89,10 @@ class Phase2Config(Section):
     """Projectors + missing embeddings (at `lr`) and LoRA on the LM (at `lr · lora_lr_scale`)
     on the conversations; aligner and encoders frozen."""
 
-    n_tokens: PositiveInt = 4  # soft tokens per modality
+    n_tokens: PositiveInt = 4  # soft tokens per modality (features: pooled)
+    # pooled: each modality's aligned embedding -> n_tokens tokens (the projector's output
+    # holds them all); sequence: the encoder's patches / frames, one token each
+    features: Literal["pooled", "sequence"] = "pooled"
     projector_hidden: PositiveInt | None = None  # the projectors' middle width; None: LM hidden
     max_steps: PositiveInt = 300
     lr: PositiveFloat = 3e-3

@@ -62,3 +62,23 @@ def test_cached_greedy_equals_the_argmax_of_full_forwards():
         assert int(full[0, -1].argmax()) == t
         seq = torch.cat([seq, torch.tensor([[t]])], 1)
     assert len(out) == 6
+
+
+def test_sequence_features_give_one_token_per_grid_cell_each_from_its_own_cell():
+    torch.manual_seed(0)
+    enc = freeze(ImageCNN(widths=(4,), n_classes=2))  # 8x8 -> one pool -> a 4x4 grid: 16 items
+    aligner = freeze(Aligner({"image": 4, "audio": 4}, dim=6))
+    lm = build_model(ModelConfig(n_layer=1, n_head=2, d_model=16, vocab_size=20, max_seq_len=40))
+    m = MultimodalLM(torch.nn.ModuleDict({"image": enc}), aligner, lm, {"image": IMG},
+                     {"image": 16}, sequence=True).eval()  # fmt: skip
+    assert m.missing["image"].shape == (16, 16)
+    images = torch.randn(2, 1, 8, 8)
+    tokens = m.modality_tokens({"image": images, "has_image": torch.tensor([True, False])})["image"]
+    assert tokens.shape == (2, 16, 16)
+    grid = enc.features(images, sequence=True)  # (2, 16, 4): cell i -> token i
+    item = torch.nn.functional.normalize(aligner.proj["image"](grid), dim=-1)
+    torch.testing.assert_close(tokens[0], m.projectors["image"](item)[0])
+    torch.testing.assert_close(tokens[1], m.missing["image"].detach())  # per sample
+    ids = torch.tensor([[1] + [IMG] * 16 + [7, 8]])
+    assert m({"input_ids": ids, "image": images[:1], "has_image": torch.tensor([True])}).shape \
+        == (1, 19, 20)  # fmt: skip

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 
 class Projector(nn.Module):
@@ -39,30 +40,45 @@ class MultimodalLM(nn.Module):
     caller); `tag_ids` the placeholder id of each modality."""
 
     def __init__(self, encoders: nn.ModuleDict, aligner: nn.Module, lm: nn.Module,
-                 tag_ids: dict[str, int], n_tokens: int, mid: int | None = None):  # fmt: skip
+                 tag_ids: dict[str, int], n_tokens: int | dict[str, int], mid: int | None = None,
+                 sequence: bool = False):  # fmt: skip
+        """`n_tokens`: soft tokens per modality slot (a dict: per modality); `sequence`: the
+        encoders' feature sequences (patches / frames), one token per item, each item in the
+        aligner's space (its per-modality projection, L2-normalised), instead of the pooled
+        embedding projected to `n_tokens` tokens. Then `n_tokens[m]` is the sequence length."""
         super().__init__()
         self.encoders, self.aligner, self.lm = encoders, aligner, lm
-        self.tag_ids, self.n_tokens = dict(tag_ids), n_tokens
+        n = n_tokens if isinstance(n_tokens, dict) else {m: n_tokens for m in encoders}
+        self.tag_ids, self.n_tokens, self.sequence = dict(tag_ids), dict(n), sequence
         C = lm.config.d_model
         self.projectors = nn.ModuleDict(
-            {m: Projector(aligner.dim, C, n_tokens, mid=mid) for m in encoders}
+            {m: Projector(aligner.dim, C, n[m], sequence, mid=mid) for m in encoders}
         )
         self.missing = nn.ParameterDict(
-            {m: nn.Parameter(torch.randn(n_tokens, C) * lm.config.init_std) for m in encoders}
+            {m: nn.Parameter(torch.randn(n[m], C) * lm.config.init_std) for m in encoders}
         )
+
+    def _aligned(self, m: str, x: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled, or (B, L, D) per item, in the frozen aligner's space."""
+        with torch.no_grad():
+            feats = self.encoders[m].features(x, sequence=self.sequence)
+            if not self.sequence:
+                return self.aligner.embed(m, feats)
+            return F.normalize(self.aligner.proj[m](feats), dim=-1)  # (B, L, D)
 
     def modality_tokens(self, batch: dict[str, torch.Tensor], drop: frozenset[str] = frozenset()
                         ) -> dict[str, torch.Tensor]:  # fmt: skip
         """(B, N, C) per modality: projected features where the sample has the modality (and
         it is not in `drop`), else the missing embedding."""
         out = {}
-        for m, enc in self.encoders.items():
+        for m in self.encoders:
             has = batch[f"has_{m}"].bool()
             if m in drop:
                 has = torch.zeros_like(has)
-            with torch.no_grad():
-                emb = self.aligner.embed(m, enc.features(batch[m]))  # (B, D), frozen
-            tokens = self.projectors[m](emb)  # (B, N, C)
+            tokens = self.projectors[m](self._aligned(m, batch[m]))  # (B, N, C)
+            if tokens.shape[1] != self.n_tokens[m]:
+                raise ValueError(f"{m} gives {tokens.shape[1]} tokens, its slot holds "
+                                 f"{self.n_tokens[m]}")  # fmt: skip
             missing = self.missing[m].to(tokens.dtype)[None].expand_as(tokens)
             out[m] = torch.where(has[:, None, None], tokens, missing)
         return out
@@ -74,8 +90,8 @@ class MultimodalLM(nn.Module):
         x = self.lm.embed_tokens(ids)
         for m, tokens in self.modality_tokens(batch, drop).items():
             slot = ids == self.tag_ids[m]  # (B, T): n_tokens positions in every row
-            if not bool((slot.sum(1) == self.n_tokens).all()):
-                raise ValueError(f"every row needs {self.n_tokens} {m} placeholder positions")
+            if not bool((slot.sum(1) == self.n_tokens[m]).all()):
+                raise ValueError(f"every row needs {self.n_tokens[m]} {m} placeholder positions")
             x = x.masked_scatter(slot[..., None], tokens.to(x.dtype))
         return x
 

@@ -37,6 +37,8 @@ def _skeleton(cfg, unit: str) -> nn.Module | None:
         return build_model(cfg.model, "meta", cfg.mor if cfg.recipe == "mor" else None)
     if cfg.recipe != "multimodal" or unit not in ("lm", "phase2"):
         return None
+    if unit == "phase2" and cfg.multimodal.phase2.features == "sequence":
+        return None  # its slot lengths come from the data
     from stoker.models.gpt import build_model as build_decoder
     from stoker.models.lora import apply_lora
     from stoker.models.multimodal import freeze

@@ -104,18 +104,24 @@ class Sample:
     prompt_len: int  # ids[:prompt_len] is the prompt generation starts from
 
 
-def render(tok: WordTokenizer, record: dict, modalities: list[str], n_tokens: int,
-           where: str) -> Sample:  # fmt: skip
-    """The ids and labels of one conversation (module docstring)."""
+def slot_sizes(modalities: list[str], n_tokens: int | dict[str, int]) -> dict[str, int]:
+    return dict(n_tokens) if isinstance(n_tokens, dict) else {m: n_tokens for m in modalities}
+
+
+def render(tok: WordTokenizer, record: dict, modalities: list[str],
+           n_tokens: int | dict[str, int], where: str) -> Sample:  # fmt: skip
+    """The ids and labels of one conversation (module docstring); `n_tokens` per slot, or
+    per modality."""
     check_tags(record, where)
     user, answer = turns(record, where)
+    size = slot_sizes(modalities, n_tokens)
     missing = [m for m in modalities if not record.get(m)]
-    user_ids = [tok.tag_ids[m] for m in missing for _ in range(n_tokens)]
+    user_ids = [tok.tag_ids[m] for m in missing for _ in range(size[m])]
     for piece in tok.encode(user):
         is_tag = next((m for m, i in tok.tag_ids.items() if i == piece), None)
         if is_tag is not None and is_tag not in modalities:
             raise StokerError(f"{where}: {TAGS[is_tag]} but the recipe has no {is_tag} encoder")
-        user_ids += [piece] * (n_tokens if is_tag else 1)
+        user_ids += [piece] * (size[is_tag] if is_tag else 1)
     nl = tok.ids["\n"]
     prompt = [tok.ids[USER], nl, *user_ids, tok.end_id, nl, tok.ids[ASSISTANT], nl]
     target = [*tok.encode(answer), tok.end_id]

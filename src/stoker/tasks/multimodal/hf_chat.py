@@ -69,7 +69,8 @@ class HFChat:
                               "tokenizer has no eos token: generation could not stop")  # fmt: skip
         return self.eos_id
 
-    def render(self, record: dict, modalities: list[str], n_tokens: int, where: str) -> chat.Sample:
+    def render(self, record: dict, modalities: list[str], n_tokens: int | dict[str, int],
+               where: str) -> chat.Sample:  # fmt: skip
         from stoker.data.chat_template import assistant_spans
 
         chat.check_tags(record, where)
@@ -85,11 +86,13 @@ class HFChat:
         except ValueError as e:
             raise StokerError(f"{where}: {e}") from None
         enc = self.tok.encode(full, add_special_tokens=False)
+        size = chat.slot_sizes(modalities, n_tokens)
+        by_id = {i: size.get(m, 1) for m, i in self.tag_ids.items()}
         ids, labels = [], []
         for i, (a, _) in enumerate(enc.offsets):
             t = enc.ids[i]
             on = any(s0 <= a < s1 for s0, s1 in spans)
-            copies = n_tokens if t in self.tag_ids.values() else 1
+            copies = by_id.get(t, 1)
             ids += [t] * copies
             labels += [t if on else chat.IGNORE] * copies
         if all(x == chat.IGNORE for x in labels):

@@ -93,7 +93,7 @@ def conversations(cfg, split: str, with_media: bool = True) -> Conversations:
         samples = [chat.render(tok, d, [], 0, f"{path} line {n}")
                    for n, d in enumerate(described(cfg, rows), 1)]  # fmt: skip
         return Conversations(samples, kinds, {})
-    mods, N = cfg.multimodal.modalities, cfg.multimodal.phase2.n_tokens
+    mods, N = cfg.multimodal.modalities, slot_lengths(cfg)
     render = tok.render if hasattr(tok, "render") else lambda *a: chat.render(tok, *a)
     samples = [render(r, mods, N, f"{path} line {n}") for n, r in enumerate(rows, 1)]
     tensors: dict[str, torch.Tensor] = {}
@@ -157,6 +157,34 @@ def build_lm(cfg) -> torch.nn.Module:
         return build_model(shape)
 
 
+_SLOTS: dict[tuple, dict[str, int]] = {}
+
+
+def slot_lengths(cfg) -> dict[str, int]:
+    """Soft tokens per modality slot: `phase2.n_tokens`, or (features: sequence) the length
+    of each encoder's feature sequence on the first conversation that has that modality."""
+    p2 = cfg.multimodal.phase2
+    if p2.features == "pooled":
+        return {m: p2.n_tokens for m in cfg.multimodal.modalities}
+    from stoker.tasks.multimodal.task import build_encoder
+
+    path = md.data_path(cfg, cfg.data.chat_train)
+    key = (str(path.resolve()), cfg.multimodal.model_dump_json())
+    if key not in _SLOTS:
+        rows, out = records(cfg, "train"), {}
+        for m in cfg.multimodal.modalities:
+            load = md.load_image if m == "image" else md.load_clip
+            first = next((r[m] for r in rows if r.get(m)), None)
+            if first is None:
+                raise StokerError(f"{path}: no sample has an {m}; phase 2 needs some")
+            x = torch.from_numpy(np.asarray(load(cfg, path.parent, first), dtype=np.float32))
+            x = x[None, None] if m == "image" else x[None]
+            with torch.no_grad():
+                out[m] = int(build_encoder(cfg, m).features(x, sequence=True).shape[1])
+        _SLOTS[key] = out
+    return _SLOTS[key]
+
+
 def pretrained_lm(cfg) -> torch.nn.Module:
     """`lm.init_from`'s decoder (its weights, dropout 0), checked against its tokenizer."""
     from stoker.tasks.source import load_source_model, open_source
@@ -191,8 +219,9 @@ def build_mm(cfg) -> torch.nn.Module:
         torch.manual_seed(cfg.train.seed + 2)
         apply_lora(lm, cfg.lora)  # freezes the rest of the LM
         model = MultimodalLM(align.encoders, freeze(align.aligner), lm,
-                             tokenizer(cfg).tag_ids, cfg.multimodal.phase2.n_tokens,
-                             cfg.multimodal.phase2.projector_hidden)  # fmt: skip
+                             tokenizer(cfg).tag_ids, slot_lengths(cfg),
+                             cfg.multimodal.phase2.projector_hidden,
+                             cfg.multimodal.phase2.features == "sequence")  # fmt: skip
     return model
 
 
