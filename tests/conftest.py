@@ -15,16 +15,21 @@ import pytest  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache_dir(tmp_path_factory):
-    """Measured CPU matmul rates go to a temporary cache, not the user's ~/.cache."""
+    """Measured CPU matmul rates go to a temporary cache, not the user's ~/.cache; the CPU's
+    `precision: auto` is fp32."""
     import os
 
-    old = os.environ.get("STOKER_CACHE_DIR")
+    saved = {k: os.environ.get(k) for k in ("STOKER_CACHE_DIR", "STOKER_CPU_AUTO_PRECISION")}
     os.environ["STOKER_CACHE_DIR"] = str(tmp_path_factory.mktemp("cache"))
+    # precision auto on a CPU probes bf16 against fp32 by timing: fixed here, so no test's
+    # numbers depend on the machine's speed (tests/train/test_precision.py tests the probe)
+    os.environ["STOKER_CPU_AUTO_PRECISION"] = "fp32"
     yield
-    if old is None:
-        os.environ.pop("STOKER_CACHE_DIR", None)
-    else:
-        os.environ["STOKER_CACHE_DIR"] = old
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
 
 
 @pytest.fixture(scope="session")

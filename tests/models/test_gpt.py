@@ -124,3 +124,32 @@ def test_compiled_forward_traces_one_graph_and_matches_eager(arch):
     assert counters["stats"]["unique_graphs"] == 1
     torch.testing.assert_close(out, model(x), rtol=0, atol=0)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batched_tables", [False, True])
+def test_rope_backward_is_the_opposite_rotation_bit_for_bit(dtype, batched_tables):
+    """apply_rope's custom backward (rotate by −θ, no saved activations) gives exactly the
+    gradient autograd computes through the chunk/cat/mul ops in fp32, for (T, D) and
+    (B, T, D) tables; for bf16 activations it rounds once, so it is at least as close to
+    the float64 gradient."""
+    from stoker.models.gpt import _rotate, apply_rope, rope_tables
+
+    B, H, T, D = 2, 3, 5, 8
+    positions = torch.arange(T).expand(B, T) if batched_tables else torch.arange(T)
+    cos, sin = rope_tables(positions, D, 10000.0)
+    x = torch.randn(B, T, H, D).to(dtype).transpose(1, 2).requires_grad_()  # as q/k arrive
+    grad = torch.randn(B, H, T, D).to(dtype)
+    y = apply_rope(x, cos, sin)
+    (gx,) = torch.autograd.grad(y, x, grad)
+    c, s = (cos[:, None], sin[:, None]) if batched_tables else (cos, sin)
+    y_ref = _rotate(x, c, s)
+    (gx_ref,) = torch.autograd.grad(y_ref, x, grad)
+    assert y.dtype == dtype and torch.equal(y, y_ref)
+    if dtype == torch.float32:
+        assert torch.equal(gx, gx_ref)
+    else:  # autograd rounds to bf16 per op; the rotation rounds once: at least as close
+        x64 = x.detach().double().requires_grad_()
+        (g64,) = torch.autograd.grad(_rotate(x64, c.double(), s.double()), x64, grad.double())
+        ours, ref = (gx.double() - g64).abs().max(), (gx_ref.double() - g64).abs().max()
+        assert ours <= ref and ours <= 2**-8 * g64.abs().max()

@@ -96,9 +96,9 @@ def near_oom(s: Signals) -> str | None:
 
 
 def fp32_on_bf16_device(s: Signals) -> str | None:
-    """GPUs: bf16 is the default (auto) and ~2× faster. CPUs with native bf16 (AVX512-BF16,
-    AMX): auto stays fp32 because small models gain little (the tiny demo 1.10×, val loss
-    2.877 vs 2.863), but from d_model 256 up it paid (bench-llama, d 384: 1.75×; docs/log.md)."""
+    """fp32 chosen by hand where bf16 pays. GPUs: bf16 is the default (auto) and ~2× faster.
+    CPUs with native bf16 (AVX512-BF16, AMX): auto probes it (train/precision.py); from
+    d_model 256 up it paid on every such CPU measured (bench-llama, d 384: 1.75×; docs/log.md)."""
     if s.precision != "fp32" or not s.bf16_supported:
         return None
     if s.device_type == "cuda":

@@ -59,12 +59,16 @@ def data_amount(meta: dict[str, Any]) -> str:
     return ", ".join(f"{k} {v:,}" for k, v in counts.items() if isinstance(v, int))
 
 
-def settings_line(precision: str, repro: str, loading: dict[str, Any]) -> str:
-    """Resolved precision, determinism and data-loading settings, in one line."""
+def settings_line(
+    precision: str, repro: str, loading: dict[str, Any], reason: str | None = None
+) -> str:
+    """Resolved precision (with why, when `auto` chose it), determinism and data-loading
+    settings, in one line."""
     workers = loading["num_workers"]
     prefetch = f", prefetch {loading['prefetch_factor']} per worker" if workers else ""
     scaler = " + GradScaler" if precision == "fp16" else ""
+    why = f" (auto: {reason})" if reason else ""
     return (
-        f"stoker: precision {precision}{scaler}; deterministic: {repro}; data loading: "
+        f"stoker: precision {precision}{scaler}{why}; deterministic: {repro}; data loading: "
         f"{workers} worker(s), pin_memory {loading['pin_memory']}{prefetch}"
     )

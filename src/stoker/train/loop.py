@@ -27,6 +27,8 @@ from stoker.train import header as H
 from stoker.train.checkpoint import remove_staging_dirs
 from stoker.train.guard import NonFiniteGuard
 from stoker.train.optim import build_optimizer, lr_at
+from stoker.train.precision import autocast_context, choose_precision, model_width
+from stoker.train.precision import resolve_precision as resolve_precision
 from stoker.train.runlock import RunLock
 from stoker.train.state import (
     check_out_dir,
@@ -57,27 +59,6 @@ class StopFlag:
     def __exit__(self, *exc) -> None:
         for sig, old in self._old.items():
             signal.signal(sig, old)
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """auto: bf16 on CUDA GPUs with native bf16 (Ampere and newer), fp16 (+ GradScaler) on
-    older GPUs such as the T4 and V100, whose bf16 torch only emulates; fp32 on CPU/MPS (bf16
-    autocast on CPU is slower for small models; see docs/log.md)."""
-    if name != "auto":
-        if name == "fp16" and device.type != "cuda":
-            raise StokerError("train.precision=fp16 needs a CUDA GPU; use bf16 or fp32")
-        return name
-    if device.type == "cuda":
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        return "bf16" if native else "fp16"
-    return "fp32"
-
-
-def autocast_context(precision: str, device: torch.device):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
 
 
 def accumulation_steps(batch: int, micro: int, world: int) -> int:
@@ -176,13 +157,13 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path, source: str | None
     D.barrier(info)
     task.open_data()
     n_micro = accumulation_steps(t.batch_size, t.micro_batch_size, info.world)
-    precision = resolve_precision(t.precision, info.device)
-    amp = autocast_context(precision, info.device)
-    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
-
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     ckpt = find_resume(t.resume, out, info)
     raw, model, opt = _build(task, cfg, info, ckpt)
+    choice = _choose_precision(t.precision, info, raw)
+    precision = choice.precision
+    amp = autocast_context(precision, info.device)
+    scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
     train_data = task.train_data
     torch.manual_seed(t.seed + 1000 + info.rank)  # dropout streams differ per rank
 
@@ -208,7 +189,7 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path, source: str | None
     live_advice = AdviceOnce()  # advice printed at the start, then when a rule first fires
     if info.is_main:  # the header's last lines; config-level advice (nothing measured yet)
         print(H.model_data_line(raw, cfg.data.dir, data_meta), flush=True)
-        print(H.settings_line(precision, repro, loading), flush=True)
+        print(H.settings_line(precision, repro, loading, choice.reason), flush=True)
         print_advice(live_advice.new(_advice(cfg, info, precision)))
     bar = progress_bar(step, t.max_steps, info.is_main)
 
@@ -361,6 +342,13 @@ def _build(task, cfg: RecipeConfig, info: D.DistInfo, ckpt: Path | None):
     zero1 = cfg.dist.strategy == "zero1" and info.enabled
     opt = build_optimizer(model, cfg.optim, info.device.type, zero1, task.param_groups(raw))
     return raw, model, opt
+
+
+def _choose_precision(name: str, info: D.DistInfo, raw: torch.nn.Module):
+    """`train.precision` resolved (train/precision.py) on rank 0 and broadcast: a CPU probe
+    measured on each rank could differ between ranks."""
+    choice = choose_precision(name, info.device, model_width(raw)) if info.is_main else None
+    return D.broadcast_object(choice, info)
 
 
 def _resume(ckpt: Path, model, opt, cfg: RecipeConfig, info: D.DistInfo, data, out: Path):
