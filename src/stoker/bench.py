@@ -40,6 +40,11 @@ state; on CUDA every timed step, decode run and matmul starts and ends with
 - decode: greedy, batch 1, prompt 32, 128 new tokens (fewer when T is shorter) with the KV
   cache in fp32 (transformers: `generate(do_sample=False)`; stoker: `stoker.generate.generate`);
   new tokens / wall time incl. prefill, median over repeats.
+- decode-auto: the same, stoker in the dtype `stoker generate --dtype auto` picks
+  (`train.precision.decode_dtype`: bf16 weights and KV cache on hardware with native bf16,
+  else fp32) against transformers at its default (fp32); what a user of each gets without
+  flags. Its check compares stoker's greedy tokens in that dtype with stoker's fp32 tokens
+  (one untimed fp32 run in the same worker) and with the peer's.
 - data: tokens/s delivered by `data.loader.TokenWindows.batch` (batch 8 × T) from a 4M-token
   shard dir of random ids written as `stoker prepare` writes one, against nanoGPT's `get_batch`
   (np.memmap opened per batch, offsets from torch.randint, torch.stack of int64 copies) on the
@@ -84,15 +89,16 @@ DATA_TOKENS = 4 * 2**20  # tokens in the data mode's train shard
 DTYPES = ("fp32", "bf16")
 DEVICES = ("auto", "cpu", "cuda")
 TRAIN_MODES = ("fp32", "fp32" + COMPILED, "bf16", "bf16" + COMPILED)
-MODES = (*TRAIN_MODES, "decode", "data")  # table order
-DEFAULT_MODES = ("fp32", "bf16", "decode", "data")  # compiling takes minutes: opt-in
-PEERS = dict.fromkeys((*TRAIN_MODES, "decode"), "transformers") | {"data": "nanogpt"}
+DECODE_MODES = ("decode", "decode-auto")
+MODES = (*TRAIN_MODES, *DECODE_MODES, "data")  # table order
+DEFAULT_MODES = ("fp32", "bf16", *DECODE_MODES, "data")  # compiling takes minutes: opt-in
+PEERS = dict.fromkeys((*TRAIN_MODES, *DECODE_MODES), "transformers") | {"data": "nanogpt"}
 LABELS = {m: f"train {m.replace('-', ' ')}" for m in TRAIN_MODES}
-LABELS |= {"decode": "decode", "data": "data loader"}
+LABELS |= {"decode": "decode fp32", "decode-auto": "decode auto dtype", "data": "data loader"}
 PEER_NAMES = {"transformers": "transformers", "nanogpt": "nanoGPT get_batch"}
 # (warmup, timed) steps / decode runs / data rounds per mode: with --quick, without
 STEPS = dict.fromkeys(TRAIN_MODES, ((2, 4), (3, 10)))
-STEPS |= {"decode": ((1, 3), (1, 7)), "data": ((1, 5), (2, 10))}
+STEPS |= dict.fromkeys(DECODE_MODES, ((1, 3), (1, 7))) | {"data": ((1, 5), (2, 10))}
 HELP = {
     "quick": "fewer steps and repeats (minutes)",
     "json": "write the results as JSON to PATH (no PATH: JSON to stdout instead of the table)",
@@ -286,8 +292,12 @@ def summarize(runs: dict, modes: list[str], cfg: Any, args: argparse.Namespace) 
                 None if fastest is None else row["stoker_tokens_per_s"] / fastest
             )
         elif not row["peer_missing"]:
-            field = "tokens" if mode == "decode" else "loss0"
+            field = "tokens" if mode in DECODE_MODES else "loss0"
             checks[f"{field}_{mode}"] = [runs[(i, mode)][0][field] for i in ("stoker", PEERS[mode])]
+        if mode == "decode-auto":
+            first = runs[("stoker", mode)][0]
+            row["stoker_dtype"] = first["dtype"]
+            checks["fp32_tokens_decode-auto"] = [first["tokens"], first["tokens_fp32"]]
     results = [r for v in runs.values() for r in v]
     version = lambda lib: next((r[lib] for r in results if lib in r), None)
     settings = {k: v for k, v in vars(args).items() if k not in ("command", "overrides", "json")}
@@ -348,7 +358,7 @@ def print_table(s: dict[str, Any]) -> None:
             f"train batch {st['batch']} x T {st['seq_len']}, {s['flops_per_token'] / 1e6:.2f} "
             f"MFLOP/token; {matmul_line(s)}"
         )
-    if "decode" in modes:
+    if any(m in modes for m in DECODE_MODES):
         setup.append(f"decode batch 1, prompt {st['prompt']} + {st['new_tokens']} new")
     if "data" in modes:
         setup.append(
@@ -379,10 +389,16 @@ def matmul_line(s: dict[str, Any]) -> str:
 def print_notes(s: dict[str, Any]) -> None:
     """The lines under the table: checks, compiled vs eager, warnings, loader headroom."""
     checks = s["checks"]
+    dtype = next((r["stoker_dtype"] for r in s["rows"] if r["mode"] == "decode-auto"), None)
     for key, (a, b) in checks.items():
-        if key.startswith("tokens"):
+        if "tokens" in key:
             same = sum(x == y for x, y in zip(a, b, strict=True))
-            print(f"check: greedy tokens equal in {same}/{len(a)} positions")
+            what = {
+                "tokens_decode": "fp32 vs transformers fp32",
+                "tokens_decode-auto": f"{dtype} vs transformers fp32",
+                "fp32_tokens_decode-auto": f"{dtype} vs stoker fp32",
+            }[key]
+            print(f"check: greedy tokens equal in {same}/{len(a)} positions (stoker {what})")
             continue
         mode = key.removeprefix("loss0_")
         eager = checks.get(f"loss0_{train_variant(mode)[0]}") if mode.endswith(COMPILED) else None

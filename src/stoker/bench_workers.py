@@ -176,18 +176,31 @@ def run_train(
 
 
 def run_decode(
-    impl: str, cfg: ModelConfig, warmup: int, repeats: int, device: str = "cpu"
+    impl: str,
+    cfg: ModelConfig,
+    warmup: int,
+    repeats: int,
+    device: str = "cpu",
+    auto_dtype: bool = False,
 ) -> dict[str, Any]:
+    """Greedy decoding speed; with `auto_dtype` stoker decodes in `stoker generate --dtype
+    auto`'s dtype (its fp32 tokens from one untimed run come back as `tokens_fp32`)."""
     import torch
 
     from stoker.generate import generate
+    from stoker.train.precision import decode_dtype
 
     model, _ = build(impl, cfg, device)
     model.eval()
     (n_prompt, n_new), gen = decode_lengths(cfg), torch.Generator().manual_seed(2)
     prompt = torch.randint(0, cfg.vocab_size, (1, n_prompt), generator=gen).to(device)
+    extra: dict[str, Any] = {"dtype": "fp32"}
     if impl == "stoker":  # generate yields (B,) ids one step at a time
         decode = lambda: torch.stack(list(generate(model, prompt, n_new, temperature=0.0)), 1)
+        if auto_dtype:
+            extra["tokens_fp32"] = decode()[0].tolist()
+            extra["dtype"] = decode_dtype(torch.device(device))
+            model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[extra["dtype"]])
     else:
         decode = lambda: model.generate(
             prompt, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new
@@ -204,7 +217,8 @@ def run_decode(
     if out.shape != (1, n_new):
         raise RuntimeError(f"{impl} decoded shape {tuple(out.shape)}, expected (1, {n_new})")
     t = statistics.median(times)
-    return {"tokens_per_s": n_new / t, "seconds": t, "times": times, "tokens": out[0].tolist()}
+    result = {"tokens_per_s": n_new / t, "seconds": t, "times": times, "tokens": out[0].tolist()}
+    return result | extra
 
 
 def write_shards(directory: Path, vocab_size: int, tokens: int, seed: int = 0) -> None:
@@ -295,8 +309,9 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         result: dict[str, Any] = {d: run_matmul(d, reps, device) for d in spec["dtypes"]}
         if device == "cuda":  # torch's default, not set here: say which the fp32 rate used
             result["tf32"] = torch.backends.cuda.matmul.allow_tf32
-    elif mode == "decode":
-        result = run_decode(impl, model_config(spec["preset"]), warmup, steps, device)
+    elif mode.startswith("decode"):
+        auto = mode == "decode-auto"
+        result = run_decode(impl, model_config(spec["preset"]), warmup, steps, device, auto)
     elif mode == "data":
         result = run_data(impl, model_config(spec["preset"]), spec["data_dir"], warmup, steps)
     else:

@@ -298,7 +298,9 @@ def generate_command(args) -> int:
     model = load_model(args.path, device).eval()
     dtype = getattr(args, "dtype", "auto")
     if dtype == "auto":
-        dtype = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        from stoker.train.precision import decode_dtype
+
+        dtype = decode_dtype(device)
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
     tokenizer = load_tokenizer(args.path)

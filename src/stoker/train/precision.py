@@ -13,7 +13,9 @@
   `STOKER_CPU_AUTO_PRECISION=fp32|bf16` fixes the CPU choice without probing (the test suite
   uses it: a choice that depends on timing would make a test depend on the machine).
 - MPS and others: fp32.
-The choice and its reason are printed once, in the run's header.
+The choice and its reason are printed once, in the run's header. Decoding (`stoker generate
+--dtype auto`, `decode_dtype`) uses bf16 weights and KV cache wherever the hardware has native
+bf16.
 """
 
 from __future__ import annotations
@@ -161,6 +163,21 @@ def model_width(model: torch.nn.Module) -> int | None:
         if isinstance(module, torch.nn.Linear):
             weight[module.in_features] = weight.get(module.in_features, 0) + module.weight.numel()
     return max(weight, key=weight.get) if weight else None
+
+
+def decode_dtype(device: torch.device) -> str:
+    """Weights and KV cache for decoding with `--dtype auto`: bf16 on GPUs with native bf16
+    and on CPUs with native bf16 (a decoding step streams every weight once: half the bytes;
+    on the bench prompts its greedy tokens equal fp32's, `stoker bench`'s decode-auto row
+    checks it), else fp32. `STOKER_CPU_AUTO_PRECISION` fixes the CPU choice here too."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    if device.type != "cpu":
+        return "fp32"
+    forced = os.environ.get(ENV)
+    if forced in ("fp32", "bf16"):
+        return forced
+    return "bf16" if cpu_has_native_bf16() else "fp32"
 
 
 def autocast_context(precision: str, device: torch.device):
