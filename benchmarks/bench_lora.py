@@ -21,7 +21,9 @@ AdamW (lr 2e-4, betas 0.9/0.999, no weight decay: HF Trainer's defaults) on the 
 parameters only, fused in both (stoker: `train.optim.build_optimizer`; peer:
 `torch.optim.AdamW(fused=True)`, Trainer's `adamw_torch_fused`). The batch is B × T random
 token ids from a fixed seed; fp32, and bf16 as `torch.autocast(device, dtype=torch.bfloat16)`
-over fp32 weights. Every (impl, dtype) cell runs in its own subprocess with the same torch
+over fp32 weights — with stoker's frozen base linears stored in bf16, as `stoker train` keeps
+them under bf16 (`models.lora.store_frozen_linears`: the values autocast would cast them to,
+so the losses are unchanged; PEFT's base stays fp32, as `get_peft_model` leaves it). Every (impl, dtype) cell runs in its own subprocess with the same torch
 thread count (default: all cores; on a shared machine use `--threads 1`, as a busy core stalls
 every multi-threaded op) and, with `--repeats` > 1, in alternating order, medians shown.
 tokens/s is B·T over the median timed step; `per CPU-s` is the ratio of tokens per CPU-second
@@ -71,13 +73,15 @@ def build_stoker(spec: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
 
     from stoker.config import ModelConfig
     from stoker.models.gpt import build_model, lm_loss
-    from stoker.models.lora import apply_lora
+    from stoker.models.lora import apply_lora, store_frozen_linears
 
     cfg = ModelConfig(preset=spec["preset"])
     torch.manual_seed(0)
     model = build_model(cfg)
     apply_lora(model, lora_config(spec["targets"]))
     model = model.to(spec["device"])
+    if spec["dtype"] == "bf16":  # as `stoker train` does under bf16 (FinetuneTask.use_precision)
+        store_frozen_linears(model, torch.bfloat16)
     return model, lambda ids, targets: lm_loss(model(ids), targets), trainable(model)
 
 

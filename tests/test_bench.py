@@ -47,8 +47,8 @@ def run_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def summary() -> dict:
-    """`stoker bench --json` (JSON on stdout, no table) for fp32, decode and data."""
-    r = run_bench("--modes", "fp32,decode,data", "--json")
+    """`stoker bench --json` (JSON on stdout, no table) for fp32, both decodes and data."""
+    r = run_bench("--modes", "fp32,decode,decode-auto,data", "--json")
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -58,6 +58,7 @@ def test_rows_in_mode_order_with_their_peers(summary):
     assert [(row["mode"], row["peer"]) for row in summary["rows"]] == [
         ("fp32", "transformers"),
         ("decode", "transformers"),
+        ("decode-auto", "transformers"),
         ("data", "nanogpt"),
     ]
     assert summary["preset"] == "tiny-llama"
@@ -130,6 +131,19 @@ def test_both_models_compute_the_same_function(summary):
 
 
 @pytest.mark.slow
+def test_decode_auto_runs_stoker_in_generates_auto_dtype_and_checks_its_tokens(summary):
+    """The suite fixes the CPU's auto choice to fp32 (conftest), so the row runs fp32 here;
+    the check pairs the auto-dtype tokens with stoker's own fp32 run."""
+    from stoker.train.precision import decode_dtype
+
+    (row,) = [r for r in summary["rows"] if r["mode"] == "decode-auto"]
+    assert row["stoker_dtype"] == decode_dtype(torch.device("cpu")) == "fp32"
+    auto_tokens, fp32_tokens = summary["checks"]["fp32_tokens_decode-auto"]
+    assert len(auto_tokens) == 96 and auto_tokens == fp32_tokens
+    assert summary["checks"]["tokens_decode-auto"][0] == auto_tokens
+
+
+@pytest.mark.slow
 def test_data_row_gives_loader_headroom_over_training(summary):
     rows = {r["mode"]: r for r in summary["rows"]}
     data = rows["data"]
@@ -175,7 +189,7 @@ def test_without_transformers_the_stoker_column_still_runs(tmp_path):
     assert row["stoker_tokens_per_s"] > 0
     assert row["peer_tokens_per_s"] is None and row["ratio"] is None
     assert row["peer_missing"] == "transformers not installed"
-    decode_line = next(ln for ln in r.stdout.splitlines() if ln.startswith("decode  "))
+    decode_line = next(ln for ln in r.stdout.splitlines() if ln.startswith("decode fp32 "))
     assert decode_line.endswith("transformers not installed")
     assert "transformers not installed;" in r.stdout  # header
 
@@ -248,8 +262,8 @@ def bench_args(*argv: str) -> argparse.Namespace:
 @pytest.mark.parametrize(
     "modes, expected",
     [
-        (None, ["fp32", "bf16", "decode", "data"]),
-        ("all", ["fp32", "fp32-compile", "bf16", "bf16-compile", "decode", "data"]),
+        (None, ["fp32", "bf16", "decode", "decode-auto", "data"]),
+        ("all", ["fp32", "fp32-compile", "bf16", "bf16-compile", "decode", "decode-auto", "data"]),
         ("data,all", list(MODES)),
         ("data,bf16-compile,fp32", ["fp32", "bf16-compile", "data"]),
         (" fp32-compile , bf16-compile ", ["fp32-compile", "bf16-compile"]),

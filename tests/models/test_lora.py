@@ -316,3 +316,38 @@ def test_bad_ranks_configs_and_mismatched_state_dicts_are_one_line_errors():
         load_lora_state_dict(other, {})
     with pytest.raises(StokerError, match="no LoRA layers"):
         merge_lora(make("gpt2"))
+
+
+def test_frozen_linears_stored_in_bf16_give_the_autocast_step_bit_for_bit():
+    """Under bf16 autocast a frozen base stored in bf16 computes what autocast computes from
+    fp32 weights: the same loss and the same adapter gradients, exactly; tied embedding
+    weights, norms and the adapters keep their dtype."""
+    import copy
+
+    from stoker.models.gpt import build_model, lm_loss
+    from stoker.models.lora import apply_lora, store_frozen_linears
+
+    cfg = ModelConfig(preset="tiny-llama", tie_embeddings=True)
+    torch.manual_seed(0)
+    ref = build_model(cfg)
+    apply_lora(ref, LoRAConfig(targets="all-linear"))
+    for p in ref.parameters():  # B = 0 at init would hide gradient differences
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.05)
+    stored = copy.deepcopy(ref)
+    n = store_frozen_linears(stored, torch.bfloat16)
+    linears = [m for m in stored.modules() if isinstance(m, torch.nn.Linear | LoRALinear)]
+    assert n == len([m for m in linears if m is not stored.lm_head])  # tied head skipped
+    assert stored.lm_head.weight.dtype == stored.embed_tokens.weight.dtype == torch.float32
+    assert stored.norm.weight.dtype == torch.float32
+    assert all(p.dtype == torch.float32 for p in stored.parameters() if p.requires_grad)
+    ids = torch.randint(0, cfg.vocab_size, (2, 17), generator=torch.Generator().manual_seed(1))
+    losses, grads = [], []
+    for model in (ref, stored):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = lm_loss(model(ids[:, :-1]), ids[:, 1:])
+        loss.backward()
+        losses.append(loss)
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert torch.equal(losses[0], losses[1])
+    assert all(torch.equal(a, b) for a, b in zip(*grads, strict=True))

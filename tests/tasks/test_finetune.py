@@ -261,3 +261,34 @@ def test_prepare_of_a_finetune_recipe_tokenizes_once(ft_recipe, ft_args, tmp_pat
     assert json.loads(meta.read_text())["format"] == "stoker-sft"
     assert main(["prepare", str(ft_recipe), *args]) == 0
     assert meta.stat().st_mtime_ns == first  # up to date: a no-op
+
+
+def test_bf16_lora_run_keeps_the_frozen_base_in_bf16_with_the_autocast_losses(
+    ft_args, tmp_path, monkeypatch
+):
+    """precision bf16 with a frozen base: the base's linears are stored in bf16 (what
+    autocast casts them to), so the run's losses, evals and saved adapters equal a run that
+    leaves them in fp32 for autocast to cast each step; eval rebuilds it."""
+    from stoker.tasks.finetune import FinetuneTask
+
+    runs, stored = ("bf16-base", "fp32-base"), {}
+    keep = FinetuneTask.use_precision
+
+    def spy(self, model, precision):
+        keep(self, model, precision)
+        stored["dtype"] = model.layers[0].self_attn.q_proj.weight.dtype
+
+    fast = ft_args("--train.precision=bf16", out=tmp_path / "bf16-base")
+    monkeypatch.setattr(FinetuneTask, "use_precision", spy)
+    train(load_config(None, ["--recipe=finetune", *fast]))
+    assert stored["dtype"] == torch.bfloat16
+    monkeypatch.setattr(FinetuneTask, "use_precision", lambda self, model, precision: None)
+    plain = ft_args("--train.precision=bf16", out=tmp_path / "fp32-base")
+    train(load_config(None, ["--recipe=finetune", *plain]))
+    assert losses(tmp_path / "bf16-base") == losses(tmp_path / "fp32-base")
+    evals = [[r["val_loss"] for r in rows(tmp_path / d) if "val_loss" in r] for d in runs]
+    assert evals[0] == evals[1] and len(evals[0]) == 2
+    saved = [load_file(list_checkpoints(tmp_path / d)[-1] / "model.safetensors") for d in runs]
+    assert saved[0].keys() == saved[1].keys()
+    assert all(torch.equal(saved[0][k], saved[1][k]) for k in saved[0])
+    assert main(["eval", str(tmp_path / "bf16-base"), "--json"]) == 0

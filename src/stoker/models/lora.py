@@ -223,6 +223,26 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> list[str]:
     return names
 
 
+def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
+    """Keep the frozen weights (and biases) of linear layers in `dtype`: what autocast in
+    `dtype` casts them to on every forward anyway, so a forward under autocast computes the
+    same values (same GEMM inputs), without the per-step cast and its copy held until
+    backward, and with half the memory for the frozen base. Weights shared with an
+    embedding (a tied LM head) and anything trainable stay as they are. The number of
+    parameters converted."""
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    done: set[int] = set()
+    for m in model.modules():
+        if not isinstance(m, (nn.Linear, LoRALayer)):
+            continue
+        for p in (m.weight, m.bias):
+            if p is None or p.requires_grad or id(p) in embedded or id(p) in done:
+                continue
+            p.data = p.data.to(dtype)
+            done.add(id(p))
+    return sum(1 for _ in done)
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:
     """Every adapted layer by (first) name."""
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALayer)}

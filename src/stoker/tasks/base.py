@@ -80,6 +80,10 @@ class Task:
         """Put the model in training mode (frozen parts may stay in eval mode)."""
         model.train()
 
+    def use_precision(self, model: nn.Module, precision: str) -> None:
+        """Adapt the built model to the run's resolved precision (before any step); e.g.
+        fine-tuning keeps a frozen base in bf16. Default: nothing."""
+
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """AdamW groups of the trainable parameters: 2-D ones decayed, the rest not (norms,
         biases), as nanoGPT/GPT-3. Each group may carry `lr_scale` (default 1)."""

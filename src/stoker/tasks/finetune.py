@@ -159,6 +159,17 @@ class FinetuneTask(Task):
         save_trainable_only(model)
         return model
 
+    def use_precision(self, model: nn.Module, precision: str) -> None:
+        """Under bf16/fp16 autocast a frozen base's linear weights are stored in that dtype:
+        autocast would cast them on every forward (the same values), so this only removes
+        the casts and halves the base's memory (models/lora.py `store_frozen_linears`). Not
+        under FSDP, whose sharded parameters keep the dtype it was built with."""
+        if not self.frozen_base or precision == "fp32" or self.cfg.dist.strategy == "fsdp":
+            return
+        from stoker.models.lora import store_frozen_linears
+
+        store_frozen_linears(model, torch.bfloat16 if precision == "bf16" else torch.float16)
+
     def train_mode(self, model: nn.Module) -> None:
         """Training mode for what trains; modules without a trainable parameter (the frozen
         base's norms, dropout, ...) stay in eval mode."""

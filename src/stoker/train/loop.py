@@ -160,7 +160,7 @@ def _train(cfg: RecipeConfig, t, info: D.DistInfo, out: Path, source: str | None
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     ckpt = find_resume(t.resume, out, info)
     raw, model, opt = _build(task, cfg, info, ckpt)
-    choice = _choose_precision(t.precision, info, raw)
+    choice = _choose_precision(t.precision, info, raw, task)
     precision = choice.precision
     amp = autocast_context(precision, info.device)
     scaler = torch.amp.GradScaler(info.device.type, enabled=precision == "fp16")
@@ -344,11 +344,14 @@ def _build(task, cfg: RecipeConfig, info: D.DistInfo, ckpt: Path | None):
     return raw, model, opt
 
 
-def _choose_precision(name: str, info: D.DistInfo, raw: torch.nn.Module):
-    """`train.precision` resolved (train/precision.py) on rank 0 and broadcast: a CPU probe
-    measured on each rank could differ between ranks."""
+def _choose_precision(name: str, info: D.DistInfo, raw: torch.nn.Module, task):
+    """`train.precision` resolved (train/precision.py) on rank 0 and broadcast (a CPU probe
+    measured on each rank could differ between ranks), then applied to the model by the
+    task (`Task.use_precision`)."""
     choice = choose_precision(name, info.device, model_width(raw)) if info.is_main else None
-    return D.broadcast_object(choice, info)
+    choice = D.broadcast_object(choice, info)
+    task.use_precision(raw, choice.precision)
+    return choice
 
 
 def _resume(ckpt: Path, model, opt, cfg: RecipeConfig, info: D.DistInfo, data, out: Path):
