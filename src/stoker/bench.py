@@ -18,7 +18,9 @@ auto: cuda when torch sees a GPU, else cpu) holds the models, inputs, KV caches 
 state; on CUDA every timed step, decode run and matmul starts and ends with
 `torch.cuda.synchronize()`, and `--threads` sets the torch threads of host-side ops only.
 
-- fp32 / bf16 (training step): forward, cross-entropy (each impl's own loss code), backward,
+- fp32 / bf16 (training step): forward, cross-entropy (each impl's own loss code: stoker's
+  model computes its head + loss from `forward(ids, targets=...)`, as `stoker train` does,
+  fused under autocast on CUDA by `models.loss`; transformers' `labels=` loss), backward,
   AdamW step (fused in both: stoker's `build_optimizer`, and `adamw_torch_fused`, HF Trainer's
   default for torch >= 2.8, with the same decay groups) on batch 8 × T = max_seq_len; bf16 is
   `torch.autocast(device, dtype=torch.bfloat16)` over fp32 weights. Warmup steps, then the
@@ -30,9 +32,9 @@ state; on CUDA every timed step, decode run and matmul starts and ends with
   `scaling.hardware` knows the GPU its datasheet peak is printed next to the measured rate.
 - fp32-compile / bf16-compile (opt-in: `--modes ...,bf16-compile` or `--modes all`): the same
   step with each model under `torch.compile` as its trainer applies it: `stoker train
-  --train.compile=true` compiles the forward and keeps `lm_loss` outside; HF Trainer's
-  `torch_compile=True` has accelerate call `torch.compile(model)` (inductor, default mode) and
-  the loss is computed inside the model. Compiling happens in the warmup steps (`--warmup` >= 1;
+  --train.compile=true` compiles the model, head and loss included (the plain head + loss in
+  the graph: inductor fuses it); HF Trainer's `torch_compile=True` has accelerate call
+  `torch.compile(model)` (inductor, default mode), the loss computed inside the model too. Compiling happens in the warmup steps (`--warmup` >= 1;
   their total time is shown as the warm-up seconds), each worker with an empty inductor cache,
   so it is a cold compile (40-75 s per cell on 2 cores, tiny-llama or bench-llama). With the
   eager mode of the same dtype in the run, the compiled/eager speedup of each impl is printed;

@@ -69,21 +69,31 @@ def build(
 ) -> tuple[Any, Callable[..., Any]]:
     """(model on `device`, loss(ids, targets)) with each impl's own loss code; transformers gets
     a copy of stoker's initial weights (made on CPU, so the same on every device) through the
-    project's converter. With `use_compile` the loss calls
-    `torch.compile(model)`, as each side's trainer does: `stoker train --train.compile=true`
-    compiles the forward and keeps `lm_loss` outside; HF Trainer's `torch_compile=True` has
-    accelerate wrap the model in `torch.compile` (inductor, default mode), and the loss is
-    computed inside the model's forward."""
+    project's converter. stoker's loss is the model's own (`forward(ids, targets=...)`, as
+    `stoker train` calls it: with `train.fused_loss: auto`, the fused head + cross-entropy
+    under autocast on CUDA). With
+    `use_compile` the loss calls `torch.compile(model)`, as each side's trainer does: `stoker
+    train --train.compile=true` compiles the model, whose forward then computes head + loss
+    in the graph; HF Trainer's `torch_compile=True` has accelerate wrap the model in
+    `torch.compile` (inductor, default mode), the loss computed inside the model's forward."""
     import torch
 
-    from stoker.models.gpt import build_model, lm_loss
+    from stoker.models.gpt import build_model
 
     torch.manual_seed(0)
     ours = build_model(cfg)
     if impl == "stoker":
+        from stoker.models.loss import use_fused_loss
+
         ours = ours.to(device)
+        use_fused_loss(ours, "auto", torch.device(device))  # as `stoker train` sets it
         fwd = torch.compile(ours) if use_compile else ours
-        return ours, lambda ids, targets: lm_loss(fwd(ids), targets)
+
+        def stoker_loss(ids, targets):  # what tasks/lm.py runs: the model's head + loss
+            total, count = fwd(ids, targets=targets)
+            return total / count
+
+        return ours, stoker_loss
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from stoker.models.hf import hf_config_from, state_dict_to_hf

@@ -212,6 +212,9 @@ class TrainConfig(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     compile: bool = False
+    # LM head + cross-entropy fused in row chunks under autocast (models/loss.py): no (B·T, V)
+    # logits kept; auto = on for CUDA (memory), off on CPU (up to 20 % slower there: docs/log.md)
+    fused_loss: Literal["auto", "on", "off"] = "auto"
     # bit-identical runs (stoker/reproducibility.py): auto = on for CPU runs (MKL CNR mode,
     # cost in docs/log.md), off on GPUs (deterministic CUDA kernels are slower)
     deterministic: bool | Literal["auto"] = "auto"

@@ -23,6 +23,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from stoker.config import ModelConfig
+from stoker.models.loss import linear_cross_entropy, lm_loss_sum
+from stoker.models.loss import lm_loss as lm_loss  # re-exported: callers import it from here
 
 Rope = tuple[torch.Tensor, torch.Tensor]  # cos, sin: (T, D) or (B, T, D), float32
 
@@ -227,6 +229,9 @@ class Decoder(nn.Module):
     `position_ids` (B, T), restarting at 0 in each document, and `attn_mask` (B, 1, T, T).
     """
 
+    takes_targets = True  # forward(ids, targets=...) returns the loss sum (subclasses: False)
+    fused_loss = False  # with targets under autocast: head + loss fused (train.fused_loss)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
@@ -258,7 +263,12 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        targets: torch.Tensor | None = None,
+    ):
+        """Logits (B, T, V); with `targets` (B, T, shifted already, -100 = ignored) instead
+        (Σ next-token cross-entropy in float32, number of targets), as `lm_loss_sum` of the
+        logits — with `fused_loss` under autocast through `loss.linear_cross_entropy`,
+        which never holds the (B·T, V) logits."""
         if inputs_embeds is not None:  # token embeddings given (e.g. with spliced-in features)
             return self._forward_embeds(inputs_embeds, cache)
         B, T = input_ids.shape
@@ -266,7 +276,7 @@ class Decoder(nn.Module):
             x, rope = self.embed(input_ids, position_ids)  # (B, T, C)
             for layer in self.layers:
                 x = layer(x, rope, None, attn_mask)  # (B, T, C)
-            return self.lm_head(self.norm(x))  # (B, T, V)
+            return self._output(x, targets)
         start = cache.length if cache is not None else 0
         if self.embed_positions is not None and start + T > self.config.max_seq_len:
             raise ValueError(
@@ -282,7 +292,19 @@ class Decoder(nn.Module):
             x = layer(x, rope, cache.layer(i) if cache is not None else None)  # (B, T, C)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.norm(x))  # (B, T, V)
+        return self._output(x, targets)
+
+    def _output(self, x: torch.Tensor, targets: torch.Tensor | None):
+        """Logits (B, T, V) of the final hidden states, or with `targets` their loss sum and
+        count (fused with the head under autocast when `fused_loss` is set, outside
+        torch.compile's graphs: inductor fuses the plain form itself)."""
+        h = self.norm(x)
+        if targets is None:
+            return self.lm_head(h)  # (B, T, V)
+        autocast = torch.is_autocast_enabled(h.device.type)
+        if self.fused_loss and autocast and not torch.compiler.is_compiling():
+            return linear_cross_entropy(h, self.lm_head.weight, targets)
+        return lm_loss_sum(self.lm_head(h), targets)
 
     def _forward_embeds(self, x: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
         """`forward` from token embeddings (B, T, C) instead of ids: positions as for ids."""
@@ -332,42 +354,6 @@ class Decoder(nn.Module):
         return KVCache(
             self.config, batch, max_len or self.config.max_seq_len, p.device, dtype or p.dtype
         )
-
-
-_LOSS_CHUNK = 1 << 21  # logits per CPU cross-entropy piece: 8 MB in fp32
-
-
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
-    """Mean next-token cross-entropy in float32 over the targets != `ignore_index`."""
-    total, count = lm_loss_sum(logits, targets, ignore_index)
-    return total / count
-
-
-def lm_loss_sum(
-    logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(Σ next-token cross-entropy in float32, number of targets != `ignore_index`);
-    `targets` are already shifted (B, T). The training loop divides the sum by the count of
-    the whole step (all micro-batches and ranks), so masked batches weigh every target alike.
-
-    On CPU, large logits go through in row chunks: each chunk's float32 copy, log-softmax and
-    gradients stay small enough for the heap and the cache, where one (B·T, V) float32 temporary
-    would be a fresh mmap that page-faults on every step. Same value up to summation order."""
-    logits, targets = logits.flatten(0, 1), targets.flatten()  # (B·T, V), (B·T,)
-    count = (targets != ignore_index).sum()
-    if logits.device.type != "cpu" or logits.numel() <= _LOSS_CHUNK:
-        return F.cross_entropy(
-            logits.float(), targets, ignore_index=ignore_index, reduction="sum"
-        ), count
-    rows = max(1, _LOSS_CHUNK // logits.shape[1])
-    pieces = zip(logits.split(rows), targets.split(rows), strict=True)  # (rows, V), (rows,)
-    total = torch.stack(
-        [
-            F.cross_entropy(chunk.float(), t, ignore_index=ignore_index, reduction="sum")
-            for chunk, t in pieces
-        ]
-    ).sum()
-    return total, count
 
 
 def init_weights(model: nn.Module, std: float, n_layer: int) -> None:

@@ -88,6 +88,8 @@ class MoRDecoder(Decoder):
     """A decoder whose `n_layer` applied layers share `len(layers)` unique blocks, with
     per-token recursion depth chosen by a router (see the module docstring)."""
 
+    takes_targets = False  # forward returns logits only
+
     def __init__(self, cfg: ModelConfig, mor: MoRConfig):
         plan = sharing_plan(cfg.n_layer, mor.recursions, mor.sharing)
         super().__init__(cfg.model_copy(update={"n_layer": max(plan) + 1}))

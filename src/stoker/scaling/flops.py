@@ -361,12 +361,18 @@ def layer_activation_bytes(cfg: ModelConfig, mode: str) -> float:
 
 
 def head_activation_bytes(cfg: ModelConfig, mode: str) -> dict[str, float]:
-    """Bytes per token of the final norm + LM head + loss: `saved` for backward, and the
-    `transient` logits a training step holds at the start of backward (compute-dtype logits
-    kept by the caller and the fp32 gradient of the log-softmax)."""
-    act = 4 if mode == "fp32" else 2
-    V = cfg.vocab_size
-    return {"saved": _norm_bytes(cfg, mode) + act * cfg.d_model + 4 * V, "transient": (act + 4) * V}
+    """Bytes of the final norm + LM head + loss: `saved` per token for backward, the
+    `transient` per token a step holds at the start of backward, and `fixed` bytes per
+    micro-batch. fp32: the plain head — the LM-head input, the fp32 log-softmax (4V) saved,
+    the logits and their gradient (8V) transient. Under autocast / bf16 params the head and
+    loss are fused (models/loss.py): the gradient w.r.t. the final hidden state (in its
+    dtype) is saved per token, nothing of size V per token, and the head's float32 weight
+    gradient (4·V·C) per micro-batch."""
+    V, C = cfg.vocab_size, cfg.d_model
+    if mode == "fp32":
+        return {"saved": _norm_bytes(cfg, mode) + 4 * C + 4 * V, "transient": 8 * V, "fixed": 0}
+    hidden = 2 if mode == "low" else 4  # the final norm's output: fp32 under autocast
+    return {"saved": _norm_bytes(cfg, mode) + hidden * C, "transient": 0, "fixed": 4 * V * C}
 
 
 @dataclass(frozen=True)
@@ -434,6 +440,5 @@ def estimate_memory(
     res = 2 if mode == "low" else 4
     per_token = applied * layer + head["saved"] + head["transient"]
     ckpt = applied * res * cfg.d_model + layer + head["saved"] + head["transient"]
-    return MemoryEstimate(
-        strategy, g, tokens, weights, grads, optim, copies, tokens * per_token, tokens * ckpt
-    )
+    act, act_ckpt = tokens * per_token + head["fixed"], tokens * ckpt + head["fixed"]
+    return MemoryEstimate(strategy, g, tokens, weights, grads, optim, copies, act, act_ckpt)

@@ -81,8 +81,12 @@ class Task:
         model.train()
 
     def use_precision(self, model: nn.Module, precision: str) -> None:
-        """Adapt the built model to the run's resolved precision (before any step); e.g.
-        fine-tuning keeps a frozen base in bf16. Default: nothing."""
+        """Adapt the built model to the run's resolved precision (before any step): the
+        decoder's fused head + loss (`train.fused_loss`); fine-tuning also keeps a frozen
+        base in bf16."""
+        from stoker.models.loss import use_fused_loss
+
+        use_fused_loss(model, self.cfg.train.fused_loss, self.info.device)
 
     def param_groups(self, model: nn.Module) -> list[dict[str, Any]]:
         """AdamW groups of the trainable parameters: 2-D ones decayed, the rest not (norms,

@@ -20,7 +20,6 @@ import torch.nn as nn
 
 from stoker.data.sft import IGNORE
 from stoker.errors import StokerError
-from stoker.models.gpt import lm_loss_sum
 from stoker.tasks.base import Task, loss_metrics, sum_over_ranks
 from stoker.tasks.source import Source, check_base, load_source_model, resolve_init
 
@@ -164,6 +163,7 @@ class FinetuneTask(Task):
         autocast would cast them on every forward (the same values), so this only removes
         the casts and halves the base's memory (models/lora.py `store_frozen_linears`). Not
         under FSDP, whose sharded parameters keep the dtype it was built with."""
+        super().use_precision(model, precision)
         if not self.frozen_base or precision == "fp32" or self.cfg.dist.strategy == "fsdp":
             return
         from stoker.models.lora import store_frozen_linears
@@ -207,7 +207,7 @@ class FinetuneTask(Task):
         return batch.n_tokens
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
-        total, _ = lm_loss_sum(self.forward(model, batch), batch.labels)
+        total, _ = self.loss_sum(model, batch)
         return total, None
 
     def inspect_batch(self, batch) -> str:
@@ -227,15 +227,18 @@ class FinetuneTask(Task):
         return (f"{samples} samples, each with a supervised response; {batch.n_targets} "
                 "targets, none on padding")  # fmt: skip
 
-    def forward(self, model: nn.Module, batch) -> torch.Tensor:
+    def loss_sum(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Σ loss over the supervised tokens, their count), through the model's head + loss
+        (tasks/lm.py `loss_sum`)."""
+        from stoker.tasks.lm import loss_sum
+
         if self.cfg.data.batching != "pack":  # padding on the right: causal attention suffices
-            return model(batch.input_ids)
+            return loss_sum(model, batch.input_ids, batch.labels)
         from stoker.data.sft import document_causal_mask
 
-        return model(
-            batch.input_ids,
-            position_ids=batch.position_ids,
-            attn_mask=document_causal_mask(batch.doc_ids),
+        mask = document_causal_mask(batch.doc_ids)
+        return loss_sum(
+            model, batch.input_ids, batch.labels, position_ids=batch.position_ids, attn_mask=mask
         )
 
     @torch.no_grad()
@@ -251,7 +254,7 @@ class FinetuneTask(Task):
         for batch in self.val_data.eval_batches(n, info.rank, info.world):
             batch = self.to_device(batch, info.device)
             with amp:
-                s, c = lm_loss_sum(self.forward(model, batch), batch.labels)
+                s, c = self.loss_sum(model, batch)
             total, count = total + float(s), count + int(c)
         self.train_mode(model)
         return loss_metrics(*sum_over_ranks([total, float(count)], info))

@@ -76,7 +76,7 @@ class LanguageModelTask(Task):
 
     def loss(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         x, y = batch
-        total, _ = lm_loss_sum(model(x), y)
+        total, _ = loss_sum(model, x, y)
         aux = getattr(_raw(model), "auxiliary_loss", None)
         return total, aux() if aux is not None else None
 
@@ -108,7 +108,7 @@ class LanguageModelTask(Task):
                 x, y = self.val_data.batch(step, info.rank, info.world, micro, n_micro)
                 x, y = x.to(dev), y.to(dev)
                 with amp:
-                    s, c = lm_loss_sum(model(x), y)
+                    s, c = loss_sum(model, x, y)
                 total += s.double()
                 count += int(c)
                 if self.detailed and hasattr(raw, "evaluate_routing"):
@@ -161,6 +161,15 @@ class MoRTask(LanguageModelTask):
         model = materialize(build_model(cfg.model, "meta", mor=mor), device)
         load_weights(model, ckpt)
         return model.eval()
+
+
+def loss_sum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs):
+    """(Σ next-token loss, count) of `model` (DDP/compile wrapper or not) on ids x, targets
+    y (`kwargs`: more forward arguments): through the model's own head + loss (fused under
+    autocast, models/loss.py) when its forward takes targets, else from its logits."""
+    if getattr(_raw(model), "takes_targets", False):
+        return model(x, targets=y, **kwargs)
+    return lm_loss_sum(model(x, **kwargs), y)
 
 
 def _raw(model: nn.Module) -> nn.Module:
