@@ -193,11 +193,13 @@ def run_decode(
     device: str = "cpu",
     auto_dtype: bool = False,
 ) -> dict[str, Any]:
-    """Greedy decoding speed; with `auto_dtype` stoker decodes in `stoker generate --dtype
-    auto`'s dtype (its fp32 tokens from one untimed run come back as `tokens_fp32`)."""
+    """Greedy decoding speed; stoker's model prepared as `stoker generate` prepares it
+    (`fuse_projections`); with `auto_dtype` in `--dtype auto`'s dtype (its fp32 tokens from
+    one untimed run come back as `tokens_fp32`)."""
     import torch
 
     from stoker.generate import generate
+    from stoker.models.gpt import fuse_projections
     from stoker.train.precision import decode_dtype
 
     model, _ = build(impl, cfg, device)
@@ -211,6 +213,7 @@ def run_decode(
             extra["tokens_fp32"] = decode()[0].tolist()
             extra["dtype"] = decode_dtype(torch.device(device))
             model.to({"bf16": torch.bfloat16, "fp32": torch.float32}[extra["dtype"]])
+        fuse_projections(model)  # as `stoker generate` prepares the model
     else:
         decode = lambda: model.generate(
             prompt, do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new

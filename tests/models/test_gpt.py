@@ -153,3 +153,36 @@ def test_rope_backward_is_the_opposite_rotation_bit_for_bit(dtype, batched_table
         (g64,) = torch.autograd.grad(_rotate(x64, c.double(), s.double()), x64, grad.double())
         ours, ref = (gx.double() - g64).abs().max(), (gx_ref.double() - g64).abs().max()
         assert ours <= ref and ours <= 2**-8 * g64.abs().max()
+
+
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-gpt2"])
+def test_fused_projections_decode_the_same_tokens_without_extra_memory(preset):
+    """fuse_projections: the layers' weights become views of one matrix per group (no extra
+    storage), inference computes the same logits (to GEMM summation order) and greedy tokens;
+    with gradients the separate layers run, so training is untouched."""
+    from stoker.generate import generate
+    from stoker.models.gpt import fuse_projections
+
+    cfg = ModelConfig(preset=preset, **({"qkv_bias": True} if preset == "tiny-llama" else {}))
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    prompt = torch.randint(0, cfg.vocab_size, (1, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(prompt)
+    tokens = torch.stack(list(generate(model, prompt, 12)), 1)
+    storages = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    n_params = sum(p.numel() for p in model.parameters())
+    fused = fuse_projections(model)
+    assert fused == cfg.n_layer * (2 if preset == "tiny-llama" else 1)  # GPT-2: no gate/up
+    assert sum(p.numel() for p in model.parameters()) == n_params
+    assert len({p.untyped_storage().data_ptr() for p in model.parameters()}) < len(storages)
+    attn = model.layers[0].self_attn
+    assert (
+        attn.q_proj.weight.untyped_storage().data_ptr() == attn.qkv[0].untyped_storage().data_ptr()
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model(prompt), before, rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.stack(list(generate(model, prompt, 12)), 1), tokens)
+    loss = lm_loss(model(prompt[:, :-1]), prompt[:, 1:])  # grad mode: the separate layers
+    loss.backward()
+    assert attn.q_proj.weight.grad is not None

@@ -127,6 +127,8 @@ class LayerCache:
 class Attention(nn.Module):
     """Causal multi-head / grouped-query self-attention, optional RoPE, optional KV cache."""
 
+    qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None  # set by fuse_projections
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         C, H, K, D = cfg.d_model, cfg.n_head, cfg.kv_heads, cfg.dim_head
@@ -149,9 +151,13 @@ class Attention(nn.Module):
         rows: causal within each document)."""
         B, T, C = x.shape
         H, K, D = self.n_head, self.n_kv_head, self.head_dim
-        q = self.q_proj(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        if self.qkv is not None and not torch.is_grad_enabled():  # one GEMM (fuse_projections)
+            q, k, v = F.linear(x, *self.qkv).split([H * D, K * D, K * D], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, K, D).transpose(1, 2)  # (B, K, T, D)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         if cache is not None:
@@ -196,8 +202,46 @@ class SwiGLU(nn.Module):
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=bias)
         self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=bias)
 
+    gate_up: tuple[torch.Tensor, torch.Tensor | None] | None = None  # fuse_projections
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up is not None and not torch.is_grad_enabled():
+            gate, up = F.linear(x, *self.gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def fuse_projections(model: nn.Module) -> int:
+    """For decoding: lay each attention's q/k/v weights (and each SwiGLU's gate/up) out as one
+    matrix whose row blocks the layers' Parameters become views of — no extra memory — so a
+    decoding step runs one GEMV where it ran three (two); on a CPU each call has a fixed cost
+    (bf16 decode 1.10× faster, same tokens: docs/log.md). Used without gradients only (the
+    views share the storage, so training is unaffected but should not follow a fusion);
+    layers that are not plain nn.Linear (LoRA) stay apart. The number of fused groups."""
+    fused = 0
+    for module in model.modules():
+        if isinstance(module, Attention):
+            groups = ("qkv", ("q_proj", "k_proj", "v_proj"))
+        elif isinstance(module, SwiGLU):
+            groups = ("gate_up", ("gate_proj", "up_proj"))
+        else:
+            continue
+        linears = [getattr(module, n) for n in groups[1]]
+        biased = {lin.bias is not None for lin in linears}
+        if any(type(lin) is not nn.Linear for lin in linears) or len(biased) > 1:
+            continue
+        weight = torch.cat([lin.weight.detach() for lin in linears])
+        bias = torch.cat([lin.bias.detach() for lin in linears]) if biased == {True} else None
+        start = 0
+        for lin in linears:
+            rows = slice(start, start + lin.out_features)
+            lin.weight = nn.Parameter(weight[rows], requires_grad=lin.weight.requires_grad)
+            if bias is not None:
+                lin.bias = nn.Parameter(bias[rows], requires_grad=lin.bias.requires_grad)
+            start += lin.out_features
+        setattr(module, groups[0], (weight, bias))
+        fused += 1
+    return fused
 
 
 class Block(nn.Module):
