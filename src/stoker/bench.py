@@ -42,7 +42,7 @@ state; on CUDA every timed step, decode run and matmul starts and ends with
 - decode: greedy, batch 1, prompt 32, 128 new tokens (fewer when T is shorter) with the KV
   cache in fp32 (transformers: `generate(do_sample=False)`; stoker: `stoker.generate.generate`
   on the model as `stoker generate` prepares it, q/k/v and gate/up fused by
-  `models.gpt.fuse_projections`); new tokens / wall time incl. prefill, median over repeats.
+  `models.decoding.fuse_projections`); new tokens / wall time incl. prefill, median over repeats.
 - decode-auto: the same, stoker in the dtype `stoker generate --dtype auto` picks
   (`train.precision.decode_dtype`: bf16 weights and KV cache on hardware with native bf16,
   else fp32) against transformers at its default (fp32); what a user of each gets without

@@ -199,7 +199,7 @@ def run_decode(
     import torch
 
     from stoker.generate import generate
-    from stoker.models.gpt import fuse_projections
+    from stoker.models.decoding import fuse_projections
     from stoker.train.precision import decode_dtype
 
     model, _ = build(impl, cfg, device)

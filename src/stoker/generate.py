@@ -303,7 +303,7 @@ def generate_command(args) -> int:
         dtype = decode_dtype(device)
     if dtype == "bf16":
         model = model.to(torch.bfloat16)
-    from stoker.models.gpt import fuse_projections
+    from stoker.models.decoding import fuse_projections
 
     fuse_projections(model)  # one GEMV for q/k/v and for gate/up per step (after any cast)
     tokenizer = load_tokenizer(args.path)

@@ -161,7 +161,7 @@ def test_fused_projections_decode_the_same_tokens_without_extra_memory(preset):
     storage), inference computes the same logits (to GEMM summation order) and greedy tokens;
     with gradients the separate layers run, so training is untouched."""
     from stoker.generate import generate
-    from stoker.models.gpt import fuse_projections
+    from stoker.models.decoding import fuse_projections
 
     cfg = ModelConfig(preset=preset, **({"qkv_bias": True} if preset == "tiny-llama" else {}))
     torch.manual_seed(0)
