@@ -23,9 +23,10 @@ parameters only, fused in both (stoker: `train.optim.build_optimizer`; peer:
 token ids from a fixed seed; fp32, and bf16 as `torch.autocast(device, dtype=torch.bfloat16)`
 over fp32 weights — with stoker's frozen base linears stored in bf16, as `stoker train` keeps
 them under bf16 (`models.lora.store_frozen_linears`: the values autocast would cast them to,
-so the losses are unchanged; PEFT's base stays fp32, as `get_peft_model` leaves it). Every (impl, dtype) cell runs in its own subprocess with the same torch
-thread count (default: all cores; on a shared machine use `--threads 1`, as a busy core stalls
-every multi-threaded op) and, with `--repeats` > 1, in alternating order, medians shown.
+so the losses are unchanged; PEFT's base stays fp32, as `get_peft_model` leaves it).
+Every (impl, dtype) cell runs in its own subprocess with the same torch thread count (default:
+all cores; on a shared machine use `--threads 1`, as a busy core stalls every multi-threaded op)
+and, with `--repeats` > 1, in alternating order, medians shown.
 tokens/s is B·T over the median timed step; `per CPU-s` is the ratio of tokens per CPU-second
 of each cell's process over its timed steps (steadier under other load at one thread).
 

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import time
 
 import torch
 
 from stoker.config import ModelConfig, OptimConfig
 from stoker.models.gpt import build_model, lm_loss
-from stoker.train.loop import autocast_context
 from stoker.train.optim import build_optimizer
+from stoker.train.precision import autocast_context
 
 BATCH = 8
 GEMM = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv")
@@ -77,16 +76,15 @@ def label_modules(model: torch.nn.Module) -> None:
             module.register_forward_hook(post)
 
 
-def component_of(event, parents: dict[int, str]) -> str:
-    """The component an op's self time belongs to (see the module docstring)."""
-    name = event.name
-    if name.startswith(OPTIMIZER) or parents.get(id(event)) == "optimizer":
+def component_of(name: str, where: str) -> str:
+    """The component an op `name`'s self time belongs to, `where`: its innermost labelled
+    range (see the module docstring)."""
+    if name.startswith(OPTIMIZER) or where == "optimizer":
         return "optimizer"
     if name in CASTS:
         return "casts (copy_/_to_copy)"
     if ATTENTION in name:
         return "sdpa (flash) " + ("bwd" if "backward" in name else "fwd")
-    where = parents.get(id(event), "")
     if where.startswith("bwd::"):
         node = where.removeprefix("bwd::")
         if node.startswith(("Mm", "Addmm", "Bmm", "Mv")):
@@ -111,7 +109,6 @@ def attribute(prof) -> dict[str, float]:
     events.sort(key=lambda e: (e.time_range.start, -e.time_range.end))
     totals: collections.Counter = collections.Counter()
     stack: list[tuple[int, str]] = []  # (end, label) of the open labelled ranges
-    parents: dict[int, str] = {}
     for e in events:
         while stack and stack[-1][0] <= e.time_range.start:
             stack.pop()
@@ -124,8 +121,7 @@ def attribute(prof) -> dict[str, float]:
         elif e.name.startswith("Optimizer.step"):
             stack.append((e.time_range.end, "optimizer"))
         if e.name.startswith("aten::") and e.self_cpu_time_total > 0:
-            parents[id(e)] = label
-            totals[component_of(e, parents)] += e.self_cpu_time_total
+            totals[component_of(e.name, label)] += e.self_cpu_time_total
     return dict(totals)
 
 
@@ -181,12 +177,10 @@ def main() -> None:
     accounted = sum(totals.values()) / (wall * 1e6)
     print(f"{'(all ATen ops)':40s} {'':9s} {accounted:10.1%}")
     print()
-    with contextlib.suppress(Exception):
-        print(
-            prof.key_averages().table(
-                sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=48
-            )
-        )
+    table = prof.key_averages().table(
+        sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=48
+    )
+    print(table)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,10 @@ def run_bench(*args: str, env: dict | None = None) -> subprocess.CompletedProces
 
 @pytest.fixture(scope="module")
 def summary() -> dict:
-    """`stoker bench --json` (JSON on stdout, no table) for fp32, both decodes and data."""
-    r = run_bench("--modes", "fp32,decode,decode-auto,data", "--json")
+    """`stoker bench --json` (JSON on stdout, no table) for fp32, both decodes and data; the
+    CPU's auto choice fixed to bf16, so decode-auto decodes in bf16 on any CPU."""
+    env = {**os.environ, "STOKER_CPU_AUTO_PRECISION": "bf16"}
+    r = run_bench("--modes", "fp32,decode,decode-auto,data", "--json", env=env)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout)
 
@@ -132,14 +134,14 @@ def test_both_models_compute_the_same_function(summary):
 
 @pytest.mark.slow
 def test_decode_auto_runs_stoker_in_generates_auto_dtype_and_checks_its_tokens(summary):
-    """The suite fixes the CPU's auto choice to fp32 (conftest), so the row runs fp32 here;
-    the check pairs the auto-dtype tokens with stoker's own fp32 run."""
-    from stoker.train.precision import decode_dtype
-
+    """decode-auto decodes in `--dtype auto`'s dtype (bf16 here: fixed by the fixture) and
+    pairs those tokens with an fp32 run of the same model in the same worker — which must
+    be the decode fp32 row's tokens."""
     (row,) = [r for r in summary["rows"] if r["mode"] == "decode-auto"]
-    assert row["stoker_dtype"] == decode_dtype(torch.device("cpu")) == "fp32"
+    assert row["stoker_dtype"] == "bf16"
     auto_tokens, fp32_tokens = summary["checks"]["fp32_tokens_decode-auto"]
-    assert len(auto_tokens) == 96 and auto_tokens == fp32_tokens
+    assert len(auto_tokens) == len(fp32_tokens) == 96
+    assert fp32_tokens == summary["checks"]["tokens_decode"][0]
     assert summary["checks"]["tokens_decode-auto"][0] == auto_tokens
 
 

@@ -34,11 +34,12 @@ state; on CUDA every timed step, decode run and matmul starts and ends with
   step with each model under `torch.compile` as its trainer applies it: `stoker train
   --train.compile=true` compiles the model, head and loss included (the plain head + loss in
   the graph: inductor fuses it); HF Trainer's `torch_compile=True` has accelerate call
-  `torch.compile(model)` (inductor, default mode), the loss computed inside the model too. Compiling happens in the warmup steps (`--warmup` >= 1;
-  their total time is shown as the warm-up seconds), each worker with an empty inductor cache,
-  so it is a cold compile (40-75 s per cell on 2 cores, tiny-llama or bench-llama). With the
-  eager mode of the same dtype in the run, the compiled/eager speedup of each impl is printed;
-  graphs compiled during the timed steps (a recompile the warmup did not cover) are flagged.
+  `torch.compile(model)` (inductor, default mode), the loss computed inside the model too.
+  Compiling happens in the warmup steps (`--warmup` >= 1; their total time is shown as the
+  warm-up seconds), each worker with an empty inductor cache, so it is a cold compile (40-75 s per
+  cell on 2 cores, tiny-llama or bench-llama). With the eager mode of the same dtype in the run,
+  the compiled/eager speedup of each impl is printed; graphs compiled during the timed steps (a
+  recompile the warmup did not cover) are flagged.
 - decode: greedy, batch 1, prompt 32, 128 new tokens (fewer when T is shorter) with the KV
   cache in fp32 (transformers: `generate(do_sample=False)`; stoker: `stoker.generate.generate`
   on the model as `stoker generate` prepares it, q/k/v and gate/up fused by

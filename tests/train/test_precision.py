@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from stoker.errors import StokerError
-from stoker.train.loop import resolve_precision
+from stoker.train.precision import resolve_precision
 
 
 def fake_gpu(monkeypatch, native: bool) -> None:

@@ -62,8 +62,9 @@ def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> Rope:
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate q or k (B, H, T, D) by the tables (T, D) or (B, T, D), in float32 (the tables'
     dtype), the result in x's dtype. Differentiable through `_RopeFunction`: the gradient of
-    a rotation is the rotation by the opposite angle, so backward keeps no activations and
-    runs no autograd graph of the chunk/cat/mul ops (that graph cost ~8 % of a bf16 step)."""
+    a rotation is the rotation by the opposite angle, so backward keeps no activations (two
+    q/k-sized tensors per call fewer than autograd through the chunk/cat/mul ops; the step
+    time is the same, docs/log.md)."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, T, D)
     if torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling():
@@ -334,7 +335,7 @@ class Decoder(nn.Module):
             x = layer(x, rope, cache.layer(i) if cache is not None else None)
         if cache is not None:
             cache.length += T
-        return self.lm_head(self.norm(x))
+        return self._output(x, None)
 
     def _rope_range(self, start: int, end: int, device: torch.device) -> Rope:
         """RoPE tables for positions start..end-1, equal to `rope_tables(arange(start, end))`:

@@ -240,7 +240,7 @@ def store_frozen_linears(model: nn.Module, dtype: torch.dtype) -> int:
                 continue
             p.data = p.data.to(dtype)
             done.add(id(p))
-    return sum(1 for _ in done)
+    return len(done)
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALayer]:

@@ -96,10 +96,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, targets, ignore_index, dtype, wants):
         ctx.hidden_grad, ctx.weight_grad = wants
-        want = any(wants)
         ctx.weight_dtype = weight.dtype
         with torch.no_grad(), torch.autocast(hidden.device.type, enabled=False):
-            total, grads = _chunks(hidden, weight, targets, ignore_index, dtype, want, ctx)
+            total, grads = _chunks(hidden, weight, targets, ignore_index, dtype, ctx)
         ctx.save_for_backward(*grads)
         return total
 
@@ -111,8 +110,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gh, gw, None, None, None, None
 
 
-def _chunks(hidden, weight, targets, ignore_index, dtype, want, ctx):
-    """The loss sum and, with `want`, (dL/dhidden, dL/dweight) of every row chunk."""
+def _chunks(hidden, weight, targets, ignore_index, dtype, ctx):
+    """The loss sum and (dL/dhidden, dL/dweight) over the row chunks; a gradient that
+    `ctx` does not want is an empty tensor (none at all: the loss only)."""
+    want = ctx.hidden_grad or ctx.weight_grad
     compute = dtype or hidden.dtype
     w = weight.to(compute)  # what autocast casts the head's weight to, once
     h_all = hidden.to(compute)
@@ -120,9 +121,11 @@ def _chunks(hidden, weight, targets, ignore_index, dtype, want, ctx):
     rows = max(1, CHUNK_ELEMENTS.get(hidden.device.type, 1 << 26) // V)
     total = torch.zeros((), device=hidden.device, dtype=torch.float32)
     grad_h = torch.empty_like(hidden) if ctx.hidden_grad else None
-    grad_w = torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
-    if not ctx.weight_grad:
-        grad_w = weight.new_empty(0)
+    grad_w = (
+        torch.zeros(weight.shape, device=weight.device, dtype=torch.float32)
+        if ctx.weight_grad
+        else weight.new_empty(0)
+    )
     for start in range(0, hidden.shape[0], rows):
         h = h_all[start : start + rows]  # (r, C)
         t = targets[start : start + rows]  # (r,)

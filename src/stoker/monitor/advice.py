@@ -170,10 +170,9 @@ def signals_for_run(
     t = cfg.train
     bf16 = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     if device.type == "cpu":  # native bf16 dot products (AVX512-BF16 / AMX), per oneDNN
-        try:
-            bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            bf16 = False
+        from stoker.train.precision import cpu_has_native_bf16
+
+        bf16 = cpu_has_native_bf16()
     s = Signals(
         device_type=device.type,
         precision=precision,

@@ -28,7 +28,6 @@ from stoker.train.checkpoint import remove_staging_dirs
 from stoker.train.guard import NonFiniteGuard
 from stoker.train.optim import build_optimizer, lr_at
 from stoker.train.precision import autocast_context, choose_precision, model_width
-from stoker.train.precision import resolve_precision as resolve_precision
 from stoker.train.runlock import RunLock
 from stoker.train.state import (
     check_out_dir,

@@ -21,7 +21,6 @@ bf16.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from stoker.errors import StokerError
 PROBE_GAIN = 1.05  # bf16 must be this much faster than fp32 for auto to choose it
 PROBE_TOKENS = 1024  # rows of the probe layer: 4 × 256
 ENV = "STOKER_CPU_AUTO_PRECISION"
+CACHE_NAME = "cpu_precision.json"  # next to the matmul rates (train/telemetry.py)
 
 
 @dataclass(frozen=True)
@@ -73,11 +73,17 @@ def cpu_has_native_bf16() -> bool:
         return False
 
 
-def _cpu_choice(width: int | None) -> Choice:
+def forced_cpu_precision() -> str | None:
+    """`STOKER_CPU_AUTO_PRECISION` (fp32 or bf16), None when unset; StokerError otherwise."""
     forced = os.environ.get(ENV)
+    if forced and forced not in ("fp32", "bf16"):
+        raise StokerError(f"{ENV}={forced!r}: use fp32 or bf16 (or unset it to probe)")
+    return forced or None
+
+
+def _cpu_choice(width: int | None) -> Choice:
+    forced = forced_cpu_precision()
     if forced:
-        if forced not in ("fp32", "bf16"):
-            raise StokerError(f"{ENV}={forced!r}: use fp32 or bf16 (or unset it to probe)")
         return Choice(forced, f"{ENV}={forced}")
     if not cpu_has_native_bf16():
         return Choice("fp32", "this CPU has no native bf16 (AVX512-BF16 / AMX)")
@@ -86,7 +92,9 @@ def _cpu_choice(width: int | None) -> Choice:
     fp32_s, bf16_s = probe_times(width)
     gain = fp32_s / bf16_s
     chosen = "bf16" if gain >= PROBE_GAIN else "fp32"
-    where = str(_cache_file()).replace(str(Path.home()), "~", 1)
+    from stoker.train.telemetry import _cache_file
+
+    where = str(_cache_file(CACHE_NAME)).replace(str(Path.home()), "~", 1)
     return Choice(
         chosen,
         f"native-bf16 CPU, a width-{width} layer {gain:.2f}x as fast as fp32 "
@@ -94,31 +102,17 @@ def _cpu_choice(width: int | None) -> Choice:
     )
 
 
-def _cache_file():
-    from stoker.train.telemetry import _cache_file as matmul_cache
-
-    return matmul_cache().with_name("cpu_precision.json")
-
-
 def probe_times(width: int) -> tuple[float, float]:
     """(fp32, bf16) seconds of one probe layer's forward + backward at `width`: from the
     cache when this machine measured them before, else measured now and cached."""
-    from stoker.monitor.system import cpu_name
+    from stoker.train.telemetry import _cache_file, _machine_key, read_cache, write_cache
 
-    key = f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{width}"
-    path = _cache_file()
-    table = {}
-    with contextlib.suppress(OSError, ValueError):
-        table = json.loads(path.read_text()) if path.is_file() else {}
+    key, path = _machine_key(width), _cache_file(CACHE_NAME)
+    table = read_cache(path)
     if isinstance(table.get(key), list) and len(table[key]) == 2:
         return float(table[key][0]), float(table[key][1])
     times = measure_layer(width)
-    table[key] = list(times)
-    with contextlib.suppress(OSError):  # a read-only home: this run's measurement only
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(table, indent=1))
-        os.replace(tmp, path)
+    write_cache(path, {**table, key: list(times)})
     return times
 
 
@@ -174,10 +168,7 @@ def decode_dtype(device: torch.device) -> str:
         return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     if device.type != "cpu":
         return "fp32"
-    forced = os.environ.get(ENV)
-    if forced in ("fp32", "bf16"):
-        return forced
-    return "bf16" if cpu_has_native_bf16() else "fp32"
+    return forced_cpu_precision() or ("bf16" if cpu_has_native_bf16() else "fp32")
 
 
 def autocast_context(precision: str, device: torch.device):

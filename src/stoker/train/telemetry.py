@@ -23,19 +23,40 @@ import torch
 _CPU_PEAK: dict[str, float] = {}
 
 
-def _cache_file() -> Path:
+def _cache_file(name: str = "cpu_matmul_peak.json") -> Path:
+    """A file of this machine's measurements: ~/.cache/stoker/NAME (or $STOKER_CACHE_DIR)."""
     root = (
         os.environ.get("STOKER_CACHE_DIR")
         or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "stoker"
     )
-    return Path(root) / "cpu_matmul_peak.json"
+    return Path(root) / name
 
 
-def _machine_key(dtype: torch.dtype, n: int) -> str:
-    """What a measured rate belongs to: CPU model, threads, torch build, dtype, size."""
+def _machine_key(*what: object) -> str:
+    """What a measurement belongs to: CPU model, threads, torch build, then `what` (e.g. the
+    dtype and size of a matmul)."""
     from stoker.monitor.system import cpu_name
 
-    return f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}|{dtype}|{n}"
+    machine = f"{cpu_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    return "|".join([machine, *map(str, what)])
+
+
+def read_cache(path: Path) -> dict[str, Any]:
+    """A measurement file's table; {} when it is missing or unreadable."""
+    try:
+        table = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def write_cache(path: Path, table: dict[str, Any]) -> None:
+    """Replace a measurement file atomically; a read-only cache dir keeps nothing."""
+    with contextlib.suppress(OSError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table, indent=1))
+        os.replace(tmp, path)
 
 
 def matmul_rate(
@@ -65,18 +86,11 @@ def measured_matmul_flops(dtype: torch.dtype, n: int = 2048, repeats: int = 3) -
     the MFU denominator the machine's rate, not the moment's (cached per process too)."""
     key = _machine_key(dtype, n)
     if key not in _CPU_PEAK:
-        rate = matmul_rate(n, dtype, repeats=repeats)
-        path = _cache_file()
-        try:
-            table = json.loads(path.read_text()) if path.is_file() else {}
+        path, rate = _cache_file(), matmul_rate(n, dtype, repeats=repeats)
+        table = read_cache(path)  # a corrupt file: this run's number, written afresh
+        with contextlib.suppress(TypeError, ValueError):
             rate = max(rate, float(table.get(key, 0.0)))
-            table[key] = rate
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(table, indent=1))
-            os.replace(tmp, path)
-        except (OSError, ValueError):  # read-only home, a corrupt file: this run's number
-            pass
+        write_cache(path, {**table, key: rate})
         _CPU_PEAK[key] = rate
     return _CPU_PEAK[key]
 
